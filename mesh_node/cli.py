@@ -1,0 +1,415 @@
+"""The `mesh-node` command: parses arguments, sets up logging, runs a command.
+
+This is the only module that configures logging. Exit codes: 0 done, 1 runtime
+failure, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from contextlib import ExitStack
+from typing import Any, BinaryIO, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import anthropic
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from . import constants as c
+from . import logs
+from .admission import Limits
+from .errors import ConfigError
+from .executor import Executor
+from .intake import Intake
+from .intake.lines import LineIntake
+from .intake.redis_stream import RedisStreamIntake
+from .producer import read_payloads, submit, wait_for_results
+from .retrying import RetryPolicy
+from .settings import Settings, load_settings, resolve_api_key
+from .sink import Sink
+from .sink.lines import LineSink
+from .sink.redis_stream import RedisStreamSink
+from .worker import Worker
+
+log = logging.getLogger("mesh_node")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs one command and returns its exit code."""
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    command: Command = args.command
+    try:
+        return asyncio.run(command(args))
+    except ConfigError as exc:
+        print(f"mesh-node: {'; '.join(str(exc).splitlines())}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of every command, with help for every option."""
+    parser = argparse.ArgumentParser(
+        prog="mesh-node",
+        description="Runs LLM tasks against the Anthropic Messages API: from a Redis "
+        "stream (serve), stdin (interactive) or a file (batch).",
+        epilog="Exit codes: 0 done, 1 runtime failure, 2 usage or configuration "
+        "error. Results go to stdout, logs to stderr as JSON lines.",
+    )
+    parser.set_defaults(log_level=os.environ.get("MESH_LOG_LEVEL", "info"))
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_serve(commands)
+    _add_interactive(commands)
+    _add_batch(commands)
+    _add_submit(commands)
+    _add_simulate(commands)
+    return parser
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        help="JSON configuration file (env MESH_CONFIG; default "
+        f"{c.DEFAULT_CONFIG_PATH} when present)",
+    )
+    common.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=os.environ.get("MESH_LOG_LEVEL", "info"),
+        help="least severe log level written to stderr (env MESH_LOG_LEVEL; "
+        "default info)",
+    )
+    return common
+
+
+def _redis_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--redis-url",
+        help=f"Redis to use (env REDIS_URL; default {c.DEFAULT_REDIS_URL})",
+    )
+    options.add_argument(
+        "--prefix",
+        help=f"prefix of every Redis key (env MESH_PREFIX; default {c.DEFAULT_PREFIX})",
+    )
+    return options
+
+
+def _node_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument(
+        "--concurrency",
+        type=int,
+        help=f"most tasks in flight at once (env MESH_CONCURRENCY; default "
+        f"{c.DEFAULT_CONCURRENCY})",
+    )
+    options.add_argument(
+        "--node-id",
+        help="this node's name, also its consumer name (env "
+        "MESH_NODE_ID; default host name and process id)",
+    )
+    return options
+
+
+def _add_serve(commands: Any) -> None:
+    serve = commands.add_parser(
+        "serve",
+        parents=[_common(), _redis_options(), _node_options()],
+        help="consume the task stream until SIGTERM",
+        description="Consumes the task stream through a consumer group and "
+        "publishes one result per task, until SIGTERM or SIGINT.",
+    )
+    serve.add_argument(
+        "--group", help=f"consumer group (env MESH_GROUP; default {c.DEFAULT_GROUP})"
+    )
+    serve.set_defaults(command=_serve)
+
+
+def _add_interactive(commands: Any) -> None:
+    interactive = commands.add_parser(
+        "interactive",
+        parents=[_common(), _node_options()],
+        help="tasks as JSON lines on stdin, results on stdout",
+        description="Reads tasks as JSON lines on stdin and writes each result to "
+        "stdout as one JSON line as soon as it is ready, until end of input.",
+    )
+    interactive.set_defaults(command=_interactive)
+
+
+def _add_batch(commands: Any) -> None:
+    batch = commands.add_parser(
+        "batch",
+        parents=[_common(), _node_options()],
+        help="run a file of tasks, one result line per task",
+        description="Runs every task of a JSON-lines file or JSON array and "
+        "writes one result line per task as each finishes.",
+    )
+    batch.add_argument("file", metavar="FILE", help="tasks file, or - for stdin")
+    batch.add_argument(
+        "--output", metavar="FILE", help="write results here instead of stdout"
+    )
+    batch.set_defaults(command=_batch)
+
+
+def _add_submit(commands: Any) -> None:
+    submit_cmd = commands.add_parser(
+        "submit",
+        parents=[_common(), _redis_options()],
+        help="add tasks to the task stream (producer side)",
+        description="Adds each task of a JSON-lines file or JSON array to the task "
+        "stream, unvalidated: the node judges them.",
+    )
+    submit_cmd.add_argument("file", metavar="FILE", help="tasks file, or - for stdin")
+    submit_cmd.add_argument(
+        "--wait",
+        action="store_true",
+        help="print each submitted task's result (by id) as it appears; exit 1 if "
+        "any is missing at the timeout",
+    )
+    submit_cmd.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="with --wait, how long to wait in seconds (default 60)",
+    )
+    submit_cmd.set_defaults(command=_submit)
+
+
+def _add_simulate(commands: Any) -> None:
+    sim = commands.add_parser(
+        "simulate-api",
+        parents=[_common()],
+        help="a local stand-in for the Messages API (development, tests, load)",
+        description="Serves the Messages API protocol on a local port, with "
+        "latency, rate limits and fault injection. Accepted keys come from "
+        "MESH_SIM_API_KEYS (comma-separated); without it any key is accepted.",
+    )
+    sim.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)"
+    )
+    sim.add_argument(
+        "--port",
+        type=int,
+        default=8787,
+        help="port to bind; 0 picks a free one (default 8787)",
+    )
+    sim.add_argument(
+        "--latency-ms", type=int, default=0, help="added to every answer (default 0)"
+    )
+    sim.add_argument(
+        "--latency-jitter-ms",
+        type=int,
+        default=0,
+        help="random extra latency, up to this (default 0)",
+    )
+    sim.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        help="share of requests answered with a random 429, 500 or 529 (default 0)",
+    )
+    sim.add_argument(
+        "--rpm",
+        type=int,
+        default=None,
+        help="requests per minute per key before 429 (default unlimited)",
+    )
+    sim.add_argument(
+        "--tpm",
+        type=int,
+        default=None,
+        help="tokens per minute per key before 429 (default unlimited)",
+    )
+    sim.set_defaults(command=_simulate)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {
+        "redisUrl": getattr(args, "redis_url", None),
+        "prefix": getattr(args, "prefix", None),
+        "group": getattr(args, "group", None),
+        "nodeId": getattr(args, "node_id", None),
+        "concurrency": getattr(args, "concurrency", None),
+    }
+    return load_settings(flags, os.environ, args.config)
+
+
+def _executor(settings: Settings) -> tuple[Executor, anthropic.AsyncAnthropic]:
+    key = resolve_api_key(os.environ)
+    client = anthropic.AsyncAnthropic(
+        api_key=key.get_secret_value(), base_url=settings.api_base_url, max_retries=0
+    )
+    policy = RetryPolicy(
+        max_attempts=settings.retry.max_attempts, max_total_s=settings.retry.max_total_s
+    )
+    return Executor(client, settings, policy), client
+
+
+async def _run_worker(
+    settings: Settings, intake: Intake, sink: Sink, executor: Executor
+) -> Worker:
+    worker = Worker(
+        intake,
+        sink,
+        executor,
+        Limits.from_settings(settings),
+        concurrency=settings.concurrency,
+        grace_period_s=settings.grace_period_s,
+    )
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    log.info(
+        "node.started",
+        extra={"node": settings.node_id, "concurrency": settings.concurrency},
+    )
+    await worker.run()
+    log.info("node.stopped", extra={"node": settings.node_id, **worker.counts})
+    return worker
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    executor, api = _executor(settings)
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+    keys = c.Keys(settings.prefix)
+    try:
+        await client.ping()
+        intake = RedisStreamIntake(
+            client, keys, group=settings.group, consumer=settings.node_id
+        )
+        sink = RedisStreamSink(
+            client, keys, group=settings.group, retention_s=settings.result_retention_s
+        )
+        await _run_worker(settings, intake, sink, executor)
+    except RedisError as exc:
+        log.error(
+            "redis.failed",
+            extra={"url": redact_url(settings.redis_url), "error": str(exc)},
+        )
+        return EXIT_FAILURE
+    finally:
+        await client.aclose()
+        await api.close()
+    return EXIT_OK
+
+
+async def _interactive(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    executor, api = _executor(settings)
+    intake = LineIntake(sys.stdin.buffer, max_line_bytes=settings.max_task_bytes)
+    try:
+        await _run_worker(settings, intake, LineSink(sys.stdout.buffer), executor)
+    finally:
+        await api.close()
+    return EXIT_OK
+
+
+async def _batch(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    executor, api = _executor(settings)
+    with ExitStack() as stack:
+        source = _open(stack, args.file, "rb", sys.stdin.buffer)
+        target = _open(stack, args.output, "wb", sys.stdout.buffer)
+        intake = LineIntake(
+            source, max_line_bytes=settings.max_task_bytes, allow_array=True
+        )
+        try:
+            await _run_worker(settings, intake, LineSink(target), executor)
+        finally:
+            await api.close()
+    return EXIT_OK
+
+
+def _open(stack: ExitStack, path: str | None, mode: str, default: BinaryIO) -> BinaryIO:
+    if path is None or path == "-":
+        return default
+    try:
+        stream = cast(BinaryIO, stack.enter_context(open(path, mode)))  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return stream
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+    keys = c.Keys(settings.prefix)
+    with ExitStack() as stack:
+        source = _open(stack, args.file, "rb", sys.stdin.buffer)
+        try:
+            ids = await submit(client, keys, read_payloads(source))
+            if not args.wait:
+                return EXIT_OK
+            return await _await_results(client, keys, ids, args.timeout)
+        except RedisError as exc:
+            log.error(
+                "redis.failed",
+                extra={"url": redact_url(settings.redis_url), "error": str(exc)},
+            )
+            return EXIT_FAILURE
+        finally:
+            await client.aclose()
+
+
+async def _await_results(
+    client: aioredis.Redis, keys: c.Keys, ids: list[str | None], timeout_s: float
+) -> int:
+    known = [task_id for task_id in ids if task_id is not None]
+    if len(known) < len(ids):
+        log.warning(
+            "submit.unawaitable",
+            extra={"tasks": len(ids) - len(known), "reason": "no valid id"},
+        )
+    missing = await wait_for_results(client, keys, known, sys.stdout.buffer, timeout_s)
+    if missing:
+        log.error(
+            "submit.timeout",
+            extra={"missing": len(missing), "first_missing": missing[:5]},
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def _simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorConfig, keys_from_env, serve_forever
+
+    config = SimulatorConfig(
+        host=args.host,
+        port=args.port,
+        latency_ms=args.latency_ms,
+        latency_jitter_ms=args.latency_jitter_ms,
+        fail_rate=args.fail_rate,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        api_keys=keys_from_env(os.environ),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await serve_forever(config, stop)
+    return EXIT_OK
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

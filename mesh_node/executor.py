@@ -1,0 +1,188 @@
+"""What happens to one admitted task: the API call, its retries and its result.
+
+The executor owns the mapping from a `Task` to a Messages API request and from
+the answer (or the failure) to the `TaskResult`; when and how many tasks run is
+the worker's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from typing import cast
+
+import anthropic
+from anthropic import Omit, omit
+from anthropic.types import Message, MessageParam, MetadataParam
+
+from .errors import (
+    DeadlineExceededError,
+    ErrorType,
+    TaskError,
+    api_call_error,
+)
+from .retrying import RetryPolicy
+from .settings import Settings
+from .tasks import ResultError, ResultMetadata, Task, TaskResult, Usage, utc_timestamp
+
+
+class Executor:
+    """Runs tasks against the Messages API under the node's policy.
+
+    Args:
+        client: the SDK client, built with `max_retries=0`.
+        settings: the node's settings (defaults, deadlines).
+        policy: the retry policy.
+    """
+
+    def __init__(
+        self, client: anthropic.AsyncAnthropic, settings: Settings, policy: RetryPolicy
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._policy = policy
+
+    async def execute(
+        self, task: Task, *, source: str, received_s: float
+    ) -> TaskResult:
+        """Runs one task to its result; never raises for a task's own failure.
+
+        Args:
+            task: the admitted task.
+            source: where it came from (stream entry id, `line N`).
+            received_s: when the node took it, on `time.monotonic`'s clock;
+                the task's deadline counts from then.
+        """
+        model = task.model or self._settings.default_model
+        if task.expiresAt is not None and task.expiresAt <= dt.datetime.now(dt.UTC):
+            error = TaskError(
+                "expiresAt passed before the task started", ErrorType.EXPIRED
+            )
+            return self.failure(task.id, error, source=source, model=model)
+
+        attempts = 0
+
+        async def attempt(number: int) -> Message:
+            nonlocal attempts
+            attempts = number
+            return await self._create(task, model, deadline_s)
+
+        deadline_s = received_s + self._budget_ms(task) / 1000
+        try:
+            async with asyncio.timeout_at(deadline_s):
+                message = await self._policy.call(attempt, deadline_s=deadline_s)
+        except TimeoutError:
+            error = DeadlineExceededError(
+                f"no answer within {self._budget_ms(task)} ms"
+            )
+            return self.failure(
+                task.id,
+                error,
+                source=source,
+                model=model,
+                attempts=attempts,
+                received_s=received_s,
+            )
+        except TaskError as exc:
+            return self.failure(
+                task.id,
+                exc,
+                source=source,
+                model=model,
+                attempts=attempts,
+                received_s=received_s,
+            )
+        return self._success(task, message, source, attempts, received_s)
+
+    def failure(
+        self,
+        task_id: str | None,
+        error: TaskError,
+        *,
+        source: str,
+        model: str | None = None,
+        attempts: int = 0,
+        received_s: float | None = None,
+    ) -> TaskResult:
+        """Builds the failed result of a task, for the executor and the worker."""
+        return TaskResult(
+            taskId=task_id,
+            success=False,
+            error=ResultError(
+                type=error.error_type, message=error.message, retryable=error.retryable
+            ),
+            metadata=ResultMetadata(
+                model=model,
+                timestamp=utc_timestamp(),
+                attempts=attempts,
+                durationMs=_elapsed_ms(received_s),
+                requestId=getattr(error, "request_id", None),
+                node=self._settings.node_id,
+                source=source,
+            ),
+        )
+
+    def _budget_ms(self, task: Task) -> int:
+        limit_ms = self._settings.max_execution_time_ms
+        return min(limit_ms, task.timeoutMs) if task.timeoutMs else limit_ms
+
+    async def _create(self, task: Task, model: str, deadline_s: float) -> Message:
+        timeout_s = max(0.001, deadline_s - time.monotonic())
+        # The SDK no longer names `temperature`; it goes in the body as given,
+        # and a model that refuses it answers 400 (`invalid_request`).
+        extra = (
+            {"temperature": task.temperature} if task.temperature is not None else None
+        )
+        try:
+            return await self._client.messages.create(
+                model=model,
+                max_tokens=task.max_tokens or self._settings.default_max_tokens,
+                messages=cast("list[MessageParam]", task.turns()),
+                system=task.system if task.system is not None else omit,
+                stop_sequences=task.stop_sequences or omit,
+                metadata=_metadata(task),
+                extra_body=extra,
+                timeout=timeout_s,
+            )
+        except anthropic.APIError as exc:
+            raise api_call_error(exc) from None
+
+    def _success(
+        self,
+        task: Task,
+        message: Message,
+        source: str,
+        attempts: int,
+        received_s: float,
+    ) -> TaskResult:
+        text = "".join(block.text for block in message.content if block.type == "text")
+        return TaskResult(
+            taskId=task.id,
+            success=True,
+            response=text,
+            metadata=ResultMetadata(
+                model=message.model,
+                usage=Usage(
+                    input_tokens=message.usage.input_tokens,
+                    output_tokens=message.usage.output_tokens,
+                ),
+                timestamp=utc_timestamp(),
+                attempts=attempts,
+                durationMs=_elapsed_ms(received_s),
+                stopReason=message.stop_reason,
+                requestId=message._request_id,
+                node=self._settings.node_id,
+                source=source,
+            ),
+        )
+
+
+def _metadata(task: Task) -> MetadataParam | Omit:
+    if task.metadata is None or task.metadata.user_id is None:
+        return omit
+    return {"user_id": task.metadata.user_id}
+
+
+def _elapsed_ms(since_s: float | None) -> int:
+    return 0 if since_s is None else round((time.monotonic() - since_s) * 1000)

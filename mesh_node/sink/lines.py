@@ -1,0 +1,36 @@
+"""Results as JSON lines on stdout or in a file, written as each task finishes."""
+
+from __future__ import annotations
+
+from typing import BinaryIO
+
+from ..intake import Delivery
+from ..tasks import TaskResult
+
+
+class LineSink:
+    """Writes one JSON line per result and flushes it at once.
+
+    Args:
+        stream: where results go; the caller owns it.
+    """
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+
+    async def already_done(self, delivery: Delivery, task_id: str) -> bool:
+        """Lines carry no memory of earlier runs: every task runs."""
+        return False
+
+    async def deliver(self, delivery: Delivery, result: TaskResult) -> None:
+        """Writes the result line.
+
+        The write blocks the event loop while the reader of stdout is slow; that
+        is the backpressure a pipe gives, and a result line is small.
+        """
+        self._stream.write(result.to_json().encode() + b"\n")
+        self._stream.flush()
+
+    async def close(self) -> None:
+        """Flushes the stream."""
+        self._stream.flush()

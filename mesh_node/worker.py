@@ -1,0 +1,177 @@
+"""When things happen: the node's loop, its concurrency and its shutdown.
+
+The loop reads as its steps: receive as many deliveries as there are free
+slots, then for each one admit, execute, deliver. Delivering includes settling
+(the sink acknowledges only what it has made durable). On a stop request the
+loop stops receiving, gives the tasks in flight a grace period, then cancels
+the rest; a cancelled stream task stays pending for another consumer, and a
+cancelled line task is answered with a `cancelled` result so that no line goes
+unanswered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from .admission import Limits, Rejected, admit
+from .errors import ErrorType, InvalidTaskError, TaskError
+from .executor import Executor
+from .intake import Delivery, Intake
+from .sink import Sink
+from .tasks import Task, TaskResult
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """Runs deliveries from one intake through the executor into one sink.
+
+    Args:
+        intake: where tasks come from.
+        sink: where results go.
+        executor: runs one admitted task.
+        limits: admission limits.
+        concurrency: the most tasks in flight at once.
+        grace_period_s: how long tasks in flight may finish after a stop.
+    """
+
+    def __init__(
+        self,
+        intake: Intake,
+        sink: Sink,
+        executor: Executor,
+        limits: Limits,
+        *,
+        concurrency: int,
+        grace_period_s: float,
+    ) -> None:
+        self._intake = intake
+        self._sink = sink
+        self._executor = executor
+        self._limits = limits
+        self._concurrency = concurrency
+        self._grace_period_s = grace_period_s
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.stopping = asyncio.Event()
+        self.counts = {"succeeded": 0, "failed": 0, "duplicates": 0, "crashed": 0}
+
+    def stop(self) -> None:
+        """Asks the loop to stop receiving; safe to call from a signal handler."""
+        self.stopping.set()
+
+    async def run(self) -> None:
+        """Runs until the intake is exhausted or a stop is requested."""
+        await self._intake.start()
+        try:
+            while not self.stopping.is_set() and not self._intake.exhausted:
+                free = await self._free_slots()
+                if free and not self.stopping.is_set():
+                    for delivery in await self._intake.receive(free):
+                        self._spawn(delivery)
+            await self._drain()
+        finally:
+            await self._intake.close()
+            await self._sink.close()
+
+    async def _free_slots(self) -> int:
+        if len(self._in_flight) >= self._concurrency:
+            stop_waiter = asyncio.ensure_future(self.stopping.wait())
+            await asyncio.wait(
+                {*self._in_flight, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+            )
+            stop_waiter.cancel()
+        return self._concurrency - len(self._in_flight)
+
+    def _spawn(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self._handle(delivery))
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def _drain(self) -> None:
+        """Lets tasks in flight finish within the grace period, then cancels them."""
+        if not self._in_flight:
+            return
+        grace_s = self._grace_period_s if self.stopping.is_set() else None
+        log.info("worker.draining", extra={"in_flight": len(self._in_flight)})
+        _done, pending = await asyncio.wait(self._in_flight, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("worker.cancelled", extra={"tasks": len(pending)})
+            await asyncio.wait(pending)
+
+    async def _handle(self, delivery: Delivery) -> None:
+        received_s = time.monotonic()
+        admitted = self._admit(delivery)
+        task_id = admitted.id if isinstance(admitted, Task) else admitted.task_id
+        try:
+            if isinstance(admitted, Task) and await self._sink.already_done(
+                delivery, admitted.id
+            ):
+                self.counts["duplicates"] += 1
+                log.info("task.duplicate", extra={"task_id": task_id})
+                return
+            result = await self._result(admitted, delivery, received_s)
+            await self._sink.deliver(delivery, result)
+        except asyncio.CancelledError:
+            await self._answer_cancelled(delivery, task_id)
+            raise
+        except Exception as exc:
+            # The entry stays pending (stream) and the node keeps going; the
+            # cause is logged without the task's content.
+            self.counts["crashed"] += 1
+            log.exception(
+                "task.crashed", extra={"task_id": task_id, "error": type(exc).__name__}
+            )
+            return
+        self._finished(result, received_s)
+
+    def _admit(self, delivery: Delivery) -> Task | Rejected:
+        if delivery.problem is not None:
+            return Rejected(None, InvalidTaskError(delivery.problem))
+        return admit(delivery.raw, self._limits)
+
+    async def _result(
+        self, admitted: Task | Rejected, delivery: Delivery, received_s: float
+    ) -> TaskResult:
+        if isinstance(admitted, Rejected):
+            return self._executor.failure(
+                admitted.task_id, admitted.error, source=delivery.source
+            )
+        log.info(
+            "task.started", extra={"task_id": admitted.id, "source": delivery.source}
+        )
+        return await self._executor.execute(
+            admitted, source=delivery.source, received_s=received_s
+        )
+
+    async def _answer_cancelled(self, delivery: Delivery, task_id: str | None) -> None:
+        if self._intake.redeliverable:
+            log.info(
+                "task.released", extra={"task_id": task_id, "source": delivery.source}
+            )
+            return
+        error = TaskError(
+            "the node stopped before the task finished",
+            ErrorType.CANCELLED,
+            retryable=True,
+        )
+        result = self._executor.failure(task_id, error, source=delivery.source)
+        await self._sink.deliver(delivery, result)
+        self._finished(result, None)
+
+    def _finished(self, result: TaskResult, received_s: float | None) -> None:
+        outcome = "succeeded" if result.success else "failed"
+        self.counts[outcome] += 1
+        log.info(
+            "task.finished",
+            extra={
+                "task_id": result.taskId,
+                "outcome": outcome,
+                "error_type": result.error.type if result.error else None,
+                "attempts": result.metadata.attempts,
+                "elapsed_ms": result.metadata.durationMs,
+            },
+        )

@@ -1,0 +1,65 @@
+# Shared set-up for the scripts: a virtualenv with the project and its
+# development tools, and a redis-server binary. Sourced, not run.
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+venv="$repo_root/.venv"
+
+say() { printf '%s\n' "$*" >&2; }
+
+find_python() {
+  for candidate in python3.13 python3.12 python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1 &&
+      "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+        command -v "$candidate"
+        return 0
+    fi
+  done
+  say "mesh-node needs Python 3.11 or newer; none was found on PATH."
+  return 1
+}
+
+# Installs the project into .venv, again only when pyproject.toml changed.
+ensure_venv() {
+  local stamp="$venv/.installed" digest
+  digest=$(sha256sum "$repo_root/pyproject.toml" | cut -d' ' -f1)
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$digest" ]; then
+    return 0
+  fi
+  local python
+  python=$(find_python)
+  say "setting up $venv ..."
+  [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+  if ! "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]" \
+    >"$venv/install.log" 2>&1; then
+    cat "$venv/install.log" >&2
+    say "installing the project into $venv failed; the log is above"
+    return 1
+  fi
+  echo "$digest" >"$stamp"
+}
+
+# Installs redis-server from the distribution when it is missing.
+ensure_redis_server() {
+  command -v redis-server >/dev/null 2>&1 && return 0
+  say "redis-server is missing; installing it ..."
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if command -v apt-get >/dev/null 2>&1; then
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq redis-server >/dev/null
+  elif command -v apk >/dev/null 2>&1; then
+    $sudo apk add --quiet redis
+  elif command -v dnf >/dev/null 2>&1; then
+    $sudo dnf install -y -q redis
+  elif command -v brew >/dev/null 2>&1; then
+    brew install redis
+  fi
+  command -v redis-server >/dev/null 2>&1 || {
+    say "could not install redis-server; install it and run this again"
+    return 1
+  }
+}
+
+# Prints a TCP port on 127.0.0.1 that is free right now.
+free_port() {
+  "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}

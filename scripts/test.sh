@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, format check, type check, then pytest against a
+# redis-server and the simulator that the tests start themselves. Extra
+# arguments go to pytest.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+cd "$repo_root"
+
+ensure_redis_server
+ensure_venv
+
+say "== ruff check"
+"$venv/bin/ruff" check .
+say "== ruff format --check"
+"$venv/bin/ruff" format --check .
+say "== mypy"
+"$venv/bin/mypy"
+say "== pytest"
+"$venv/bin/pytest" "$@"
