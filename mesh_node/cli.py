@@ -14,28 +14,25 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from contextlib import ExitStack
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
-import anthropic
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from . import constants as c
 from . import logs
-from .admission import Limits
 from .errors import ConfigError
-from .executor import Executor
-from .intake import Intake
-from .intake.lines import LineIntake
-from .intake.redis_stream import RedisStreamIntake
 from .producer import read_payloads, submit, wait_for_results
-from .retrying import RetryPolicy
 from .settings import Settings, load_settings, resolve_api_key
-from .sink import Sink
-from .sink.lines import LineSink
-from .sink.redis_stream import RedisStreamSink
-from .worker import Worker
+
+if TYPE_CHECKING:
+    import anthropic
+
+    from .executor import Executor
+    from .intake import Intake
+    from .sink import Sink
+    from .worker import Worker
 
 log = logging.getLogger("mesh_node")
 
@@ -248,6 +245,13 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _executor(settings: Settings) -> tuple[Executor, anthropic.AsyncAnthropic]:
+    # The node's own modules import the SDK, which is slow to import; only the
+    # commands that call the API pay for it.
+    import anthropic
+
+    from .executor import Executor
+    from .retrying import RetryPolicy
+
     key = resolve_api_key(os.environ)
     client = anthropic.AsyncAnthropic(
         api_key=key.get_secret_value(), base_url=settings.api_base_url, max_retries=0
@@ -261,6 +265,9 @@ def _executor(settings: Settings) -> tuple[Executor, anthropic.AsyncAnthropic]:
 async def _run_worker(
     settings: Settings, intake: Intake, sink: Sink, executor: Executor
 ) -> Worker:
+    from .admission import Limits
+    from .worker import Worker
+
     worker = Worker(
         intake,
         sink,
@@ -284,6 +291,9 @@ async def _run_worker(
 async def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     executor, api = _executor(settings)
+    from .intake.redis_stream import RedisStreamIntake
+    from .sink.redis_stream import RedisStreamSink
+
     client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
     keys = c.Keys(settings.prefix)
     try:
@@ -310,6 +320,9 @@ async def _serve(args: argparse.Namespace) -> int:
 async def _interactive(args: argparse.Namespace) -> int:
     settings = _settings(args)
     executor, api = _executor(settings)
+    from .intake.lines import LineIntake
+    from .sink.lines import LineSink
+
     intake = LineIntake(sys.stdin.buffer, max_line_bytes=settings.max_task_bytes)
     try:
         await _run_worker(settings, intake, LineSink(sys.stdout.buffer), executor)
@@ -321,6 +334,9 @@ async def _interactive(args: argparse.Namespace) -> int:
 async def _batch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     executor, api = _executor(settings)
+    from .intake.lines import LineIntake
+    from .sink.lines import LineSink
+
     with ExitStack() as stack:
         source = _open(stack, args.file, "rb", sys.stdin.buffer)
         target = _open(stack, args.output, "wb", sys.stdout.buffer)

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import anthropic
+if TYPE_CHECKING:
+    import anthropic
 
 
 class ErrorType(enum.StrEnum):
@@ -159,6 +161,10 @@ def api_call_error(exc: anthropic.APIError) -> ApiCallError:
     Returns:
         The matching `ApiCallError`; its message never carries the request.
     """
+    # Imported here: the SDK takes most of a second to import, and commands
+    # that never call the API (submit, --help) should not pay for it.
+    import anthropic
+
     if isinstance(exc, anthropic.APITimeoutError):
         return ApiCallError(
             "the API did not answer in time", ErrorType.TIMEOUT, retryable=True
