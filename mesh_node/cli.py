@@ -24,6 +24,7 @@ from . import constants as c
 from . import logs
 from .errors import ConfigError
 from .producer import read_payloads, submit, wait_for_results
+from .redis_link import connect
 from .settings import Settings, load_settings, resolve_api_key
 
 if TYPE_CHECKING:
@@ -263,7 +264,11 @@ def _executor(settings: Settings) -> tuple[Executor, anthropic.AsyncAnthropic]:
 
 
 async def _run_worker(
-    settings: Settings, intake: Intake, sink: Sink, executor: Executor
+    settings: Settings,
+    intake: Intake,
+    sink: Sink,
+    executor: Executor,
+    stopping: asyncio.Event | None = None,
 ) -> Worker:
     from .admission import Limits
     from .worker import Worker
@@ -275,6 +280,8 @@ async def _run_worker(
         Limits.from_settings(settings),
         concurrency=settings.concurrency,
         grace_period_s=settings.grace_period_s,
+        max_deliveries=settings.max_deliveries,
+        stopping=stopping,
     )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -294,17 +301,30 @@ async def _serve(args: argparse.Namespace) -> int:
     from .intake.redis_stream import RedisStreamIntake
     from .sink.redis_stream import RedisStreamSink
 
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+    # Every task in flight may settle at once, plus the reader and the keeper.
+    client = connect(settings.redis_url, max_connections=settings.concurrency + 8)
     keys = c.Keys(settings.prefix)
+    stopping = asyncio.Event()
     try:
         await client.ping()
         intake = RedisStreamIntake(
-            client, keys, group=settings.group, consumer=settings.node_id
+            client,
+            keys,
+            group=settings.group,
+            consumer=settings.node_id,
+            claim_timeout_ms=settings.claim_timeout_ms,
+            stopping=stopping,
         )
         sink = RedisStreamSink(
-            client, keys, group=settings.group, retention_s=settings.result_retention_s
+            client,
+            intake.link,
+            keys,
+            group=settings.group,
+            node_id=settings.node_id,
+            retention_s=settings.result_retention_s,
+            claim_timeout_ms=settings.claim_timeout_ms,
         )
-        await _run_worker(settings, intake, sink, executor)
+        await _run_worker(settings, intake, sink, executor, stopping)
     except RedisError as exc:
         log.error(
             "redis.failed",
@@ -362,7 +382,7 @@ def _open(stack: ExitStack, path: str | None, mode: str, default: BinaryIO) -> B
 
 async def _submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=False)
+    client = connect(settings.redis_url, max_connections=4)
     keys = c.Keys(settings.prefix)
     with ExitStack() as stack:
         source = _open(stack, args.file, "rb", sys.stdin.buffer)

@@ -21,6 +21,10 @@ DEFAULT_RESULT_RETENTION_S = 86_400
 DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_RETRY_MAX_TOTAL_S = 120.0
 DEFAULT_GRACE_PERIOD_S = 25.0
+DEFAULT_MAX_DELIVERIES = 5
+# Bounds of the derived claim timeout (see `Settings.claim_timeout_ms`).
+MIN_CLAIM_TIMEOUT_MS = 5_000
+MAX_CLAIM_TIMEOUT_MS = 60_000
 
 # How long one XREADGROUP may block: short enough that a stop request is seen
 # promptly, long enough that an idle node costs nothing measurable.
@@ -33,6 +37,11 @@ FIELD_TASK = "task"
 FIELD_TRACEPARENT = "traceparent"
 FIELD_TASK_ID = "taskId"
 FIELD_RESULT = "result"
+# Dead-letter entry fields.
+FIELD_ENTRY_ID = "entryId"
+FIELD_REASON = "reason"
+FIELD_DELIVERIES = "deliveries"
+FIELD_NODE = "node"
 
 
 @dataclass(frozen=True, slots=True)

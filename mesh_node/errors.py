@@ -2,6 +2,7 @@
 
     MeshNodeError
     ├── ConfigError            bad configuration or usage; the command exits 2
+    ├── RedisUnavailableError  a wait for Redis through an outage was abandoned
     └── TaskError              one task fails; its result carries `error_type`
         ├── InvalidTaskError       the input can never succeed (`invalid_task`)
         ├── ApiCallError           the Messages API refused or failed
@@ -64,6 +65,10 @@ class MeshNodeError(Exception):
 
 class ConfigError(MeshNodeError):
     """The configuration or the command line is unusable; the message names why."""
+
+
+class RedisUnavailableError(MeshNodeError):
+    """Redis stayed unreachable until the caller stopped waiting for it."""
 
 
 class TaskError(MeshNodeError):

@@ -89,6 +89,23 @@ class Settings(BaseModel):
     )
     retry: Retry = Field(default_factory=Retry, alias="retry")
     grace_period_s: float = Field(c.DEFAULT_GRACE_PERIOD_S, alias="gracePeriodS", ge=0)
+    max_deliveries: int = Field(
+        c.DEFAULT_MAX_DELIVERIES, alias="maxDeliveries", ge=1, le=1000
+    )
+    claim_timeout_ms_setting: int | None = Field(None, alias="claimTimeoutMs", ge=100)
+
+    @property
+    def claim_timeout_ms(self) -> int:
+        """How long an entry sits idle before another consumer may claim it.
+
+        A running task's holder keeps its claim fresh, so this bounds only how
+        long the tasks of a node that died wait to be picked up. By default a
+        tenth of `maxExecutionTimeMs`, kept between 5 s and 60 s.
+        """
+        if self.claim_timeout_ms_setting is not None:
+            return self.claim_timeout_ms_setting
+        derived_ms = self.max_execution_time_ms // 10
+        return max(c.MIN_CLAIM_TIMEOUT_MS, min(c.MAX_CLAIM_TIMEOUT_MS, derived_ms))
 
 
 # Environment variables and the setting each one sets (design.md, "Configuration").

@@ -30,7 +30,9 @@ Counters (``GET /_sim/stats`` and ``Simulator.stats``): ``requests`` counts ever
 ``POST /v1/messages``; ``by_status`` counts outcomes by key, the HTTP status as a
 string, or ``"cut"`` (connection closed mid-body), ``"hang"`` (no answer until the
 client left or the simulator stopped), ``"dropped"`` (client left, or the simulator
-stopped, before an answer); ``by_prompt`` counts requests that passed validation,
+stopped, before an answer); ``billed_by_prompt`` counts the requests that got past
+injected faults and rate limits, the ones the real API would bill, by the same key
+as ``by_prompt``; ``by_prompt`` counts requests that passed validation,
 keyed by ``prompt_key`` of the last user message text.
 """
 
@@ -206,6 +208,7 @@ class SimStats:
     requests: int
     by_status: Mapping[str, int]
     by_prompt: Mapping[str, int]
+    billed_by_prompt: Mapping[str, int]
 
     def as_dict(self) -> dict[str, object]:
         """Returns the snapshot as the JSON object the stats route serves."""
@@ -213,6 +216,7 @@ class SimStats:
             "requests": self.requests,
             "by_status": dict(self.by_status),
             "by_prompt": dict(self.by_prompt),
+            "billed_by_prompt": dict(self.billed_by_prompt),
         }
 
 
@@ -842,6 +846,7 @@ class Simulator:
         self._requests = 0
         self._by_status: collections.Counter[str] = collections.Counter()
         self._by_prompt: collections.Counter[str] = collections.Counter()
+        self._billed_by_prompt: collections.Counter[str] = collections.Counter()
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -868,6 +873,7 @@ class Simulator:
             requests=self._requests,
             by_status=MappingProxyType(dict(self._by_status)),
             by_prompt=MappingProxyType(dict(self._by_prompt)),
+            billed_by_prompt=MappingProxyType(dict(self._billed_by_prompt)),
         )
 
     def queue_faults(self, faults: Iterable[FaultSpec | Mapping[str, object]]) -> int:
@@ -894,6 +900,7 @@ class Simulator:
         self._requests = 0
         self._by_status.clear()
         self._by_prompt.clear()
+        self._billed_by_prompt.clear()
         self._faults.clear()
         self._fail_counts.clear()
         self._limiter.reset()
@@ -1013,7 +1020,8 @@ class Simulator:
         key = self._authenticate(request)
         _check_version(request)
         parsed = _parse_body(await _read_json(request))
-        self._by_prompt[prompt_key(parsed.prompt_text)] += 1
+        task_key = prompt_key(parsed.prompt_text)
+        self._by_prompt[task_key] += 1
         plan = self._plan_for(parsed)
         if await self._closed_within(self._delay_s(plan)):
             return self._drop(request, exchange, "dropped")
@@ -1022,6 +1030,7 @@ class Simulator:
         self._raise_injected_status(plan)
         reply = _make_reply(parsed, plan)
         headers = self._admit(key, parsed.input_tokens + reply.output_tokens)
+        self._billed_by_prompt[task_key] += 1
         headers["request-id"] = exchange.request_id
         message_id = _new_id("msg_sim_")
         if plan.cut:

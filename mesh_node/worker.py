@@ -19,7 +19,7 @@ from .admission import Limits, Rejected, admit
 from .errors import ErrorType, InvalidTaskError, TaskError
 from .executor import Executor
 from .intake import Delivery, Intake
-from .sink import Sink
+from .sink import Sink, Start
 from .tasks import Task, TaskResult
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class Worker:
         limits: admission limits.
         concurrency: the most tasks in flight at once.
         grace_period_s: how long tasks in flight may finish after a stop.
+        max_deliveries: a delivery seen more often than this is dead-lettered.
+        stopping: set to stop the loop; shared with the intake, which abandons
+            its waits for Redis when it is set.
     """
 
     def __init__(
@@ -46,6 +49,8 @@ class Worker:
         *,
         concurrency: int,
         grace_period_s: float,
+        max_deliveries: int,
+        stopping: asyncio.Event | None = None,
     ) -> None:
         self._intake = intake
         self._sink = sink
@@ -53,9 +58,10 @@ class Worker:
         self._limits = limits
         self._concurrency = concurrency
         self._grace_period_s = grace_period_s
+        self._max_deliveries = max_deliveries
         self._in_flight: set[asyncio.Task[None]] = set()
-        self.stopping = asyncio.Event()
-        self.counts = {"succeeded": 0, "failed": 0, "duplicates": 0, "crashed": 0}
+        self.stopping = stopping or asyncio.Event()
+        self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "crashed": 0}
 
     def stop(self) -> None:
         """Asks the loop to stop receiving; safe to call from a signal handler."""
@@ -64,6 +70,7 @@ class Worker:
     async def run(self) -> None:
         """Runs until the intake is exhausted or a stop is requested."""
         await self._intake.start()
+        await self._sink.start()
         try:
             while not self.stopping.is_set() and not self._intake.exhausted:
                 free = await self._free_slots()
@@ -107,11 +114,12 @@ class Worker:
         admitted = self._admit(delivery)
         task_id = admitted.id if isinstance(admitted, Task) else admitted.task_id
         try:
-            if isinstance(admitted, Task) and await self._sink.already_done(
+            if delivery.deliveries > self._max_deliveries:
+                await self._dead_letter(delivery, task_id)
+                return
+            if isinstance(admitted, Task) and not await self._acquire(
                 delivery, admitted.id
             ):
-                self.counts["duplicates"] += 1
-                log.info("task.duplicate", extra={"task_id": task_id})
                 return
             result = await self._result(admitted, delivery, received_s)
             await self._sink.deliver(delivery, result)
@@ -127,6 +135,35 @@ class Worker:
             )
             return
         self._finished(result, received_s)
+
+    async def _acquire(self, delivery: Delivery, task_id: str) -> bool:
+        start = await self._sink.acquire(delivery, task_id)
+        if start is Start.RUN:
+            return True
+        self.counts["skipped"] += 1
+        log.info(
+            "task.skipped",
+            extra={"task_id": task_id, "source": delivery.source, "reason": str(start)},
+        )
+        return False
+
+    async def _dead_letter(self, delivery: Delivery, task_id: str | None) -> None:
+        reason = (
+            f"delivered {delivery.deliveries} times, more than maxDeliveries "
+            f"({self._max_deliveries})"
+        )
+        error = TaskError(reason, ErrorType.MAX_DELIVERIES)
+        result = self._executor.failure(task_id, error, source=delivery.source)
+        await self._sink.dead_letter(delivery, result, reason)
+        log.warning(
+            "task.dead_lettered",
+            extra={
+                "task_id": task_id,
+                "source": delivery.source,
+                "deliveries": delivery.deliveries,
+            },
+        )
+        self._finished(result, None)
 
     def _admit(self, delivery: Delivery) -> Task | Rejected:
         if delivery.problem is not None:
@@ -149,6 +186,7 @@ class Worker:
 
     async def _answer_cancelled(self, delivery: Delivery, task_id: str | None) -> None:
         if self._intake.redeliverable:
+            await self._sink.release(delivery)
             log.info(
                 "task.released", extra={"task_id": task_id, "source": delivery.source}
             )

@@ -67,7 +67,7 @@ def test_stored_result_stops_a_second_api_call(
     )
 
     rdb.xadd(f"{prefix}tasks", {"task": task})
-    node.wait_for_event("task.duplicate")
+    assert node.wait_for_event("task.skipped")["reason"] == "done"
     assert node.stop() == 0
 
     assert rdb.xlen(f"{prefix}results") == 1

@@ -654,12 +654,18 @@ def test_stats_count_prompts_and_reset(
         assert stats.requests == 4
         assert dict(stats.by_status) == {"200": 3, "401": 1}
         assert dict(stats.by_prompt) == {prompt_key("alpha"): 2, prompt_key("beta"): 1}
+        assert dict(stats.billed_by_prompt) == dict(stats.by_prompt)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{sim.base_url}/_sim/stats") as resp:
                 assert await resp.json() == stats.as_dict()
             async with http.post(f"{sim.base_url}/_sim/reset") as resp:
                 assert resp.status == 200
-        assert sim.stats.as_dict() == {"requests": 0, "by_status": {}, "by_prompt": {}}
+        assert sim.stats.as_dict() == {
+            "requests": 0,
+            "by_status": {},
+            "by_prompt": {},
+            "billed_by_prompt": {},
+        }
 
     run(loop_runner, scenario)
 

@@ -20,6 +20,8 @@ class Delivery:
         entry_id: the stream entry to acknowledge, for stream deliveries.
         traceparent: the producer's trace context, when the transport carried one.
         problem: a fault the intake found before parsing (an oversize line).
+        deliveries: how many times the entry has been delivered, this time
+            included.
     """
 
     raw: bytes | None
@@ -27,6 +29,7 @@ class Delivery:
     entry_id: str | None = None
     traceparent: str | None = None
     problem: str | None = None
+    deliveries: int = 1
 
 
 class Intake(Protocol):

@@ -1,27 +1,33 @@
 """Tasks from the node's Redis stream, read through a consumer group.
 
-The group is created when missing, starting from the stream's first entry so
-that tasks added before any node started are not skipped. A node first reads
-back what it already holds (its own pending entries, after a restart under
-the same node id), then new entries.
+The group is created when missing (and again after a Redis restart lost it),
+starting from the stream's first entry so that tasks added before any node
+started are not skipped. Besides new entries, the intake reclaims entries that
+have sat idle longer than the claim timeout in any consumer's pending list
+(`XAUTOCLAIM`): those of a node that died. Entries still being worked on never
+qualify, because their holder keeps resetting their idle time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from ..constants import FIELD_TASK, FIELD_TRACEPARENT, READ_BLOCK_MS, Keys
+from ..errors import RedisUnavailableError
+from ..redis_link import RedisLink
 from . import Delivery
 
 log = logging.getLogger(__name__)
 
 
 class RedisStreamIntake:
-    """Reads task entries with XREADGROUP, never more than the free slots.
+    """Reads task entries, never more than the free slots.
 
     Args:
         client: a Redis client with `decode_responses=False`, since a task may
@@ -29,6 +35,8 @@ class RedisStreamIntake:
         keys: the key names.
         group: the consumer group.
         consumer: this node's consumer name.
+        claim_timeout_ms: idle time after which a pending entry is reclaimed.
+        stopping: set when the node stops; abandons waits for Redis.
         block_ms: how long one read may wait for new entries.
     """
 
@@ -42,17 +50,29 @@ class RedisStreamIntake:
         *,
         group: str,
         consumer: str,
+        claim_timeout_ms: int,
+        stopping: asyncio.Event,
         block_ms: int = READ_BLOCK_MS,
     ) -> None:
         self._client = client
         self._keys = keys
         self._group = group
         self._consumer = consumer
+        self._claim_timeout_ms = claim_timeout_ms
+        self._stopping = stopping
         self._block_ms = block_ms
-        self._backlog_after: str | None = "0"
+        self.link = RedisLink(recreate_group=self.create_group)
+        self._reclaim_cursor = "0-0"
+        self._next_reclaim_s = 0.0
 
     async def start(self) -> None:
         """Creates the consumer group (and the stream) when missing."""
+        await self.link.call(
+            self.create_group, what="create_group", stop=self._stopping
+        )
+
+    async def create_group(self) -> None:
+        """Creates the group from the stream's start; an existing one is kept."""
         try:
             await self._client.xgroup_create(
                 self._keys.tasks, self._group, id="0", mkstream=True
@@ -63,58 +83,116 @@ class RedisStreamIntake:
                 raise
 
     async def receive(self, max_count: int) -> list[Delivery]:
-        """Reads this consumer's backlog first, then new entries."""
-        if self._backlog_after is not None:
-            deliveries = await self._read(self._backlog_after, max_count, block_ms=None)
-            if deliveries:
-                # Entries stay pending until settled, so the backlog is paged by
-                # id rather than re-read from the start.
-                self._backlog_after = deliveries[-1].entry_id
-                return deliveries
-            self._backlog_after = None
-        return await self._read(">", max_count, block_ms=self._block_ms)
+        """Reclaims abandoned entries when due, else reads new ones."""
+        try:
+            if time.monotonic() >= self._next_reclaim_s:
+                reclaimed = await self.link.call(
+                    lambda: self._reclaim(max_count),
+                    what="reclaim",
+                    stop=self._stopping,
+                )
+                if reclaimed:
+                    return reclaimed
+            return await self.link.call(
+                lambda: self._read(max_count), what="read", stop=self._stopping
+            )
+        except RedisUnavailableError:
+            return []
 
     async def close(self) -> None:
         """The client belongs to the caller; nothing to release here."""
 
-    async def _read(
-        self, start: str, max_count: int, *, block_ms: int | None
-    ) -> list[Delivery]:
+    async def _read(self, max_count: int) -> list[Delivery]:
         reply: Any = await self._client.xreadgroup(
             self._group,
             self._consumer,
-            {self._keys.tasks: start},
+            {self._keys.tasks: ">"},
             count=max_count,
-            block=block_ms,
+            block=self._block_ms,
         )
         return [
-            _delivery(entry_id, fields)
+            _delivery(entry_id, fields, deliveries=1)
             for _stream, entries in reply or ()
             for entry_id, fields in entries
+            if fields is not None
         ]
 
-
-def _delivery(entry_id: bytes, fields: dict[bytes, bytes] | None) -> Delivery:
-    entry = entry_id.decode()
-    if fields is None:
-        # XREADGROUP of the backlog returns entries deleted while pending with
-        # no fields (https://redis.io/docs/latest/commands/xreadgroup/).
-        return Delivery(
-            raw=None,
-            source=entry,
-            entry_id=entry,
-            problem="the entry was deleted from the stream before it was processed",
+    async def _reclaim(self, max_count: int) -> list[Delivery]:
+        reply: Any = await self._client.xautoclaim(
+            self._keys.tasks,
+            self._group,
+            self._consumer,
+            min_idle_time=self._claim_timeout_ms,
+            start_id=self._reclaim_cursor,
+            count=max_count,
         )
-    traceparent = fields.get(FIELD_TRACEPARENT.encode())
+        cursor, entries, deleted = _autoclaim_parts(reply)
+        self._reclaim_cursor = cursor
+        if cursor == "0-0":
+            # A full pass over the pending list is done; the next one is due
+            # when entries read now could first have gone idle.
+            self._next_reclaim_s = time.monotonic() + self._claim_timeout_ms / 2000
+        await self._forget_deleted(entries, deleted)
+        live = [(entry_id, fields) for entry_id, fields in entries if fields]
+        if not live:
+            return []
+        counts = await self._delivery_counts([entry_id for entry_id, _ in live])
+        log.info("entries.reclaimed", extra={"entries": len(live)})
+        return [
+            _delivery(entry_id, fields, deliveries=counts.get(entry_id, 1))
+            for entry_id, fields in live
+        ]
+
+    async def _forget_deleted(
+        self, entries: list[tuple[bytes, Any]], deleted: list[bytes]
+    ) -> None:
+        """Acknowledges entries deleted from the stream while pending.
+
+        Redis 7 drops them from the pending list itself and names them in
+        XAUTOCLAIM's third element; Redis 6.2 returns them with no fields
+        (https://redis.io/docs/latest/commands/xautoclaim/).
+        """
+        gone = [entry_id for entry_id, fields in entries if not fields]
+        if gone:
+            await self._client.xack(self._keys.tasks, self._group, *gone)
+        for entry_id in [*gone, *deleted]:
+            log.warning("entry.deleted", extra={"entry": _text(entry_id)})
+
+    async def _delivery_counts(self, entry_ids: list[bytes]) -> dict[bytes, int]:
+        pipe = self._client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xpending_range(
+                self._keys.tasks, self._group, min=entry_id, max=entry_id, count=1
+            )
+        counts: dict[bytes, int] = {}
+        for rows in await pipe.execute():
+            for row in rows:
+                counts[row["message_id"]] = int(row["times_delivered"])
+        return counts
+
+
+def _autoclaim_parts(reply: Any) -> tuple[str, list[tuple[bytes, Any]], list[bytes]]:
+    """Splits an XAUTOCLAIM reply of any Redis version into its three parts."""
+    cursor = _text(reply[0]) or "0-0"
+    entries = [(entry[0], entry[1]) for entry in (reply[1] or ())]
+    deleted = list(reply[2]) if len(reply) > 2 and reply[2] else []
+    return cursor, entries, deleted
+
+
+def _delivery(
+    entry_id: bytes, fields: dict[bytes, bytes], *, deliveries: int
+) -> Delivery:
+    entry = entry_id.decode()
     return Delivery(
         raw=fields.get(FIELD_TASK.encode()),
         source=entry,
         entry_id=entry,
-        traceparent=_text(traceparent),
+        traceparent=_text(fields.get(FIELD_TRACEPARENT.encode())),
+        deliveries=deliveries,
     )
 
 
 def _text(value: Any) -> str | None:
-    if not isinstance(value, bytes):
-        return None
-    return value.decode("utf-8", errors="replace")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None

@@ -6,6 +6,7 @@ from typing import BinaryIO
 
 from ..intake import Delivery
 from ..tasks import TaskResult
+from . import Start
 
 
 class LineSink:
@@ -18,9 +19,12 @@ class LineSink:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
 
-    async def already_done(self, delivery: Delivery, task_id: str) -> bool:
+    async def start(self) -> None:
+        """Nothing runs in the background."""
+
+    async def acquire(self, delivery: Delivery, task_id: str) -> Start:
         """Lines carry no memory of earlier runs: every task runs."""
-        return False
+        return Start.RUN
 
     async def deliver(self, delivery: Delivery, result: TaskResult) -> None:
         """Writes the result line.
@@ -30,6 +34,15 @@ class LineSink:
         """
         self._stream.write(result.to_json().encode() + b"\n")
         self._stream.flush()
+
+    async def dead_letter(
+        self, delivery: Delivery, result: TaskResult, reason: str
+    ) -> None:
+        """A line has no dead-letter queue: its failed result is its answer."""
+        await self.deliver(delivery, result)
+
+    async def release(self, delivery: Delivery) -> None:
+        """A line cannot come back; the worker answers it instead."""
 
     async def close(self) -> None:
         """Flushes the stream."""
