@@ -144,6 +144,14 @@ class Process:
         self.wait()
 
 
+def redis_server_binary() -> str:
+    """The path of redis-server, or a failed test saying how to get it."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not installed; scripts/test.sh installs it")
+    return binary
+
+
 @dataclass(frozen=True)
 class RedisServer:
     """A private redis-server."""
@@ -155,9 +163,7 @@ class RedisServer:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server of this test session, on a free port, keeping nothing on disk."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; scripts/test.sh installs it")
+    binary = redis_server_binary()
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
@@ -309,3 +315,58 @@ def stream_results(rdb: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     """Every result published under `prefix`, in stream order."""
     entries: Any = rdb.xrange(f"{prefix}results")
     return [json.loads(fields[b"result"]) for _id, fields in entries]
+
+
+@dataclass
+class OwnRedis:
+    """A redis-server of one test's own, with AOF on, that the test may restart."""
+
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's URL."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        """Starts the server on its port and waits until it answers."""
+        self.process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        try:
+            wait_for(lambda: _pings(client), timeout_s=10, what="redis-server")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Shuts the server down (SIGTERM: it writes its AOF and exits)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(20)
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A running redis-server of this test's own; stopped at the end."""
+    server = OwnRedis(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()

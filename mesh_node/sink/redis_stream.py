@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 
 from .. import constants as c
 from ..intake import Delivery
-from ..redis_link import RedisLink
+from ..redis_link import RedisLink, is_outage
 from ..tasks import TaskResult
 from . import Start
 
@@ -227,8 +227,11 @@ class RedisStreamSink:
                 await self._keep_once()
             except Exception as exc:
                 # A failed renewal is retried on the next tick; the lease
-                # outlives a few missed ticks.
-                log.warning("lease.renew_failed", extra={"error": type(exc).__name__})
+                # outlives a few missed ticks. An outage is reported once, by
+                # the link, not on every tick.
+                if not is_outage(exc):
+                    error = type(exc).__name__
+                    log.warning("lease.renew_failed", extra={"error": error})
 
     async def _keep_once(self) -> None:
         held = list(self._held.items())

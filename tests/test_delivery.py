@@ -1,0 +1,284 @@
+"""Delivery guarantees: no task lost, none paid for twice, under crashes and stops."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from mesh_node.simulator import prompt_key
+
+from .conftest import (
+    OwnRedis,
+    Process,
+    SimulatorProcess,
+    add_entry,
+    start_command,
+    stream_results,
+    wait_for,
+)
+
+
+def _pending(rdb: redis.Redis, prefix: str) -> int:
+    """Entries pending in the group; -1 while the group does not exist yet."""
+    try:
+        summary: Any = rdb.xpending(f"{prefix}tasks", "mesh-nodes")
+    except redis.ResponseError:
+        return -1
+    return int(summary["pending"])
+
+
+def _with_config(env: dict[str, str], **values: Any) -> dict[str, str]:
+    path = Path(env["MESH_CONFIG"])
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+    return env
+
+
+def _billed(simulator: SimulatorProcess, prompt: str) -> int:
+    return int(simulator.stats()["billed_by_prompt"].get(prompt_key(prompt), 0))
+
+
+def test_same_ids_twice_cost_one_call_each(
+    node_env: dict[str, str],
+    rdb: redis.Redis,
+    prefix: str,
+    started: list[Process],
+    simulator: SimulatorProcess,
+) -> None:
+    """100 ids submitted twice give 100 results and 100 API calls."""
+    prompts = {f"twice-{n}": f"twice {n} {prefix}" for n in range(100)}
+    for _round in range(2):
+        for task_id, prompt in prompts.items():
+            add_entry(
+                rdb, prefix, {"task": json.dumps({"id": task_id, "prompt": prompt})}
+            )
+    node = start_command("serve", "--concurrency", "32", env=node_env)
+    started.append(node)
+    wait_for(
+        lambda: _pending(rdb, prefix) == 0 and rdb.xlen(f"{prefix}results") >= 100,
+        timeout_s=60,
+        what="all 200 entries settled",
+    )
+    assert node.stop() == 0
+    results = stream_results(rdb, prefix)
+    assert sorted(r["taskId"] for r in results) == sorted(prompts)
+    assert [_billed(simulator, p) for p in prompts.values()] == [1] * 100
+
+
+def test_killed_node_tasks_are_finished_by_another(
+    node_env: dict[str, str],
+    rdb: redis.Redis,
+    prefix: str,
+    started: list[Process],
+) -> None:
+    """A node killed while holding 16 tasks: another node finishes all 16."""
+    env = _with_config(node_env, claimTimeoutMs=1500)
+    ids = [f"held-{n}" for n in range(16)]
+    for task_id in ids:
+        task = {"id": task_id, "prompt": f"[[sim:latency_ms=4000]] {task_id} {prefix}"}
+        add_entry(rdb, prefix, {"task": json.dumps(task)})
+    doomed = start_command("serve", "--node-id", "doomed", env=env)
+    started.append(doomed)
+    wait_for(
+        lambda: doomed.event_names().count("task.started") == 16,
+        timeout_s=20,
+        what="16 tasks in flight",
+    )
+    doomed.popen.send_signal(signal.SIGKILL)
+    doomed.wait()
+    assert rdb.xlen(f"{prefix}results") == 0
+
+    rescuer = start_command("serve", "--node-id", "rescuer", env=env)
+    started.append(rescuer)
+    wait_for(
+        lambda: rdb.xlen(f"{prefix}results") >= 16,
+        timeout_s=40,
+        what="16 results from the rescuer",
+    )
+    assert rescuer.stop() == 0
+    results = stream_results(rdb, prefix)
+    assert sorted(r["taskId"] for r in results) == sorted(ids)
+    assert {r["metadata"]["node"] for r in results} == {"rescuer"}
+    assert all(r["success"] for r in results)
+    assert _pending(rdb, prefix) == 0
+
+
+def test_running_task_is_not_reclaimed(
+    node_env: dict[str, str],
+    rdb: redis.Redis,
+    prefix: str,
+    started: list[Process],
+    simulator: SimulatorProcess,
+) -> None:
+    """A call longer than the claim timeout stays with its holder: one call."""
+    env = _with_config(node_env, claimTimeoutMs=600)
+    prompt = f"[[sim:latency_ms=3000]] long {prefix}"
+    first = start_command("serve", "--node-id", "first", env=env)
+    started.append(first)
+    first.wait_for_event("group.created")
+    add_entry(rdb, prefix, {"task": json.dumps({"id": "long", "prompt": prompt})})
+    first.wait_for_event("task.started")
+    second = start_command("serve", "--node-id", "second", env=env)
+    started.append(second)
+    wait_for(
+        lambda: rdb.xlen(f"{prefix}results") == 1,
+        timeout_s=20,
+        what="the long task's result",
+    )
+    assert first.stop() == 0
+    assert second.stop() == 0
+    assert "task.started" not in second.event_names()
+    assert _billed(simulator, prompt) == 1
+    assert stream_results(rdb, prefix)[0]["metadata"]["node"] == "first"
+
+
+def test_sigterm_leaves_unfinished_tasks_pending(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """SIGTERM past the grace period: exit 0, no result, every entry still pending."""
+    env = _with_config(node_env, gracePeriodS=1)
+    for n in range(5):
+        task = {"id": f"cut-{n}", "prompt": f"[[sim:latency_ms=8000]] {n} {prefix}"}
+        add_entry(rdb, prefix, {"task": json.dumps(task)})
+    node = start_command("serve", env=env)
+    started.append(node)
+    wait_for(
+        lambda: node.event_names().count("task.started") == 5,
+        timeout_s=20,
+        what="five tasks in flight",
+    )
+    node.popen.send_signal(signal.SIGTERM)
+    assert node.wait(timeout_s=6) == 0
+    assert rdb.xlen(f"{prefix}results") == 0
+    assert _pending(rdb, prefix) == 5
+    assert node.event_names().count("task.released") == 5
+    assert rdb.keys(f"{prefix}lease:*") == []
+
+
+def test_too_many_deliveries_go_to_dead_letters(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """An entry delivered more than maxDeliveries times is dead-lettered once."""
+    env = _with_config(node_env, claimTimeoutMs=200, maxDeliveries=3)
+    stream = f"{prefix}tasks"
+    rdb.xgroup_create(stream, "mesh-nodes", id="0", mkstream=True)
+    task = json.dumps({"id": "poison", "prompt": "never runs"})
+    entry = add_entry(rdb, prefix, {"task": task})
+    rdb.xreadgroup("mesh-nodes", "ghost", {stream: ">"})
+    for _ in range(3):
+        rdb.xclaim(stream, "mesh-nodes", "ghost", 0, [entry])
+    node = start_command("serve", env=env)
+    started.append(node)
+    wait_for(
+        lambda: rdb.xlen(f"{prefix}results") == 1,
+        timeout_s=20,
+        what="the max_deliveries result",
+    )
+    assert node.stop() == 0
+    [result] = stream_results(rdb, prefix)
+    assert result["taskId"] == "poison"
+    assert result["error"] == {
+        "type": "max_deliveries",
+        "message": "delivered 5 times, more than maxDeliveries (3)",
+        "retryable": False,
+    }
+    dead: Any = rdb.xrange(f"{prefix}dead")
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields[b"entryId"] == entry.encode()
+    assert fields[b"deliveries"] == b"5"
+    assert fields[b"task"] == task.encode()
+    assert _pending(rdb, prefix) == 0
+
+
+def test_entry_deleted_while_pending_is_dropped(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """A pending entry deleted from the stream is let go of, once, with a log line."""
+    env = _with_config(node_env, claimTimeoutMs=200)
+    stream = f"{prefix}tasks"
+    rdb.xgroup_create(stream, "mesh-nodes", id="0", mkstream=True)
+    entry = add_entry(rdb, prefix, {"task": json.dumps({"id": "gone", "prompt": "x"})})
+    rdb.xreadgroup("mesh-nodes", "ghost", {stream: ">"})
+    rdb.xdel(stream, entry)
+    node = start_command("serve", env=env)
+    started.append(node)
+    event = node.wait_for_event("entry.deleted")
+    assert event["entry"] == entry
+    wait_for(lambda: _pending(rdb, prefix) == 0, timeout_s=10, what="an empty PEL")
+    assert node.stop() == 0
+    assert rdb.xlen(f"{prefix}results") == 0
+
+
+def test_lost_group_is_recreated(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """A consumer group destroyed under a running node is recreated; work goes on."""
+    node = start_command("serve", env=node_env)
+    started.append(node)
+    node.wait_for_event("group.created")
+    rdb.xgroup_destroy(f"{prefix}tasks", "mesh-nodes")
+    add_entry(rdb, prefix, {"task": json.dumps({"id": "after", "prompt": "x"})})
+    wait_for(
+        lambda: rdb.xlen(f"{prefix}results") == 1,
+        timeout_s=20,
+        what="a result after the group was lost",
+    )
+    assert node.stop() == 0
+    assert node.event_names().count("group.created") == 2
+
+
+OUTAGE_S = 10
+
+
+def test_node_rides_out_a_redis_restart(
+    node_env: dict[str, str], own_redis: OwnRedis, started: list[Process]
+) -> None:
+    """Redis down for 10 s: the node carries on after, logging the outage once."""
+    env = {**node_env, "REDIS_URL": own_redis.url}
+    prefix = env["MESH_PREFIX"]
+    client = redis.Redis(port=own_redis.port)
+    node = start_command("serve", env=env)
+    started.append(node)
+    node.wait_for_event("group.created")
+    for n in range(5):
+        add_entry(
+            client, prefix, {"task": json.dumps({"id": f"pre-{n}", "prompt": "x"})}
+        )
+    wait_for(
+        lambda: client.xlen(f"{prefix}results") == 5,
+        timeout_s=20,
+        what="results before the outage",
+    )
+    client.close()
+
+    own_redis.stop()
+    node.wait_for_event("redis.unavailable")
+    lines_before = len(node.stderr_lines)
+    time.sleep(OUTAGE_S)  # the outage itself, not a wait for a condition
+    lines_during = len(node.stderr_lines) - lines_before
+    own_redis.start()
+
+    client = redis.Redis(port=own_redis.port)
+    for n in range(5):
+        add_entry(
+            client, prefix, {"task": json.dumps({"id": f"post-{n}", "prompt": "x"})}
+        )
+    wait_for(
+        lambda: client.xlen(f"{prefix}results") == 10,
+        timeout_s=30,
+        what="results after the outage",
+    )
+    client.close()
+    assert node.popen.poll() is None
+    assert node.stop() == 0
+    names = node.event_names()
+    assert names.count("redis.unavailable") == 1
+    assert names.count("redis.reconnected") == 1
+    assert lines_during <= OUTAGE_S
