@@ -44,6 +44,9 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command and returns its exit code."""
+    # A stop request before the node has anything in flight (while the SDK is
+    # still importing, say) is a clean exit, not death by signal.
+    signal.signal(signal.SIGTERM, _exit_before_start)
     args = build_parser().parse_args(argv)
     logs.configure(args.log_level)
     command: Command = args.command
@@ -54,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _exit_before_start(_signum: int, _frame: object) -> None:
+    raise SystemExit(EXIT_OK)
 
 
 def build_parser() -> argparse.ArgumentParser:

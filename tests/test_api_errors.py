@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import free_port, run_command
+from .support import free_port, run_command
 
 # status the simulator answers -> error type, retryable
 STATUS_CASES = [

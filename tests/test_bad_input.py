@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from .conftest import (
+from .support import (
     Process,
     add_entry,
     run_command,

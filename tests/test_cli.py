@@ -10,7 +10,7 @@ import pytest
 
 from mesh_node.cli import build_parser, redact_url
 
-from .conftest import FAKE_KEY, free_port, run_command
+from .support import FAKE_KEY, free_port, run_command
 
 COMMANDS = ["serve", "interactive", "batch", "submit", "simulate-api"]
 

@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
+from mesh_node.intake.redis_stream import _autoclaim_parts
 from mesh_node.simulator import prompt_key
 
-from .conftest import (
+from .support import (
     OwnRedis,
     Process,
     SimulatorProcess,
@@ -282,3 +284,24 @@ def test_node_rides_out_a_redis_restart(
     assert names.count("redis.unavailable") == 1
     assert names.count("redis.reconnected") == 1
     assert lines_during <= OUTAGE_S
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        # Redis 7: cursor, entries, ids deleted while pending.
+        (
+            [b"0-0", [(b"1-0", {b"task": b"{}"})], [b"2-0"]],
+            ("0-0", [(b"1-0", {b"task": b"{}"})], [b"2-0"]),
+        ),
+        # Redis 6.2: no third element; a deleted entry comes back without fields.
+        ([b"5-0", [(b"1-0", None)]], ("5-0", [(b"1-0", None)], [])),
+        # Nothing to claim at all.
+        ([b"0-0", [], []], ("0-0", [], [])),
+    ],
+)
+def test_every_autoclaim_reply_shape_is_understood(
+    reply: list[Any], expected: tuple[str, list[Any], list[bytes]]
+) -> None:
+    """XAUTOCLAIM replies of Redis 6.2 and 7 split into cursor, entries, deleted."""
+    assert _autoclaim_parts(reply) == expected

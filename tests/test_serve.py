@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from .conftest import (
+from .support import (
     Process,
     SimulatorProcess,
     start_command,

@@ -10,7 +10,7 @@ import pytest
 from mesh_node.errors import ConfigError
 from mesh_node.settings import load_settings, resolve_api_key
 
-from .conftest import FAKE_KEY
+from .support import FAKE_KEY
 
 
 @pytest.fixture
