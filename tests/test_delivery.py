@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from mesh_node.intake.redis_stream import _autoclaim_parts
+from mesh_node.intake.redis_stream import autoclaim_parts
 from mesh_node.simulator import prompt_key
 
 from .support import (
@@ -304,4 +304,4 @@ def test_every_autoclaim_reply_shape_is_understood(
     reply: list[Any], expected: tuple[str, list[Any], list[bytes]]
 ) -> None:
     """XAUTOCLAIM replies of Redis 6.2 and 7 split into cursor, entries, deleted."""
-    assert _autoclaim_parts(reply) == expected
+    assert autoclaim_parts(reply) == expected

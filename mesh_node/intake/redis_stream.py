@@ -126,7 +126,7 @@ class RedisStreamIntake:
             start_id=self._reclaim_cursor,
             count=max_count,
         )
-        cursor, entries, deleted = _autoclaim_parts(reply)
+        cursor, entries, deleted = autoclaim_parts(reply)
         self._reclaim_cursor = cursor
         if cursor == "0-0":
             # A full pass over the pending list is done; the next one is due
@@ -171,7 +171,7 @@ class RedisStreamIntake:
         return counts
 
 
-def _autoclaim_parts(reply: Any) -> tuple[str, list[tuple[bytes, Any]], list[bytes]]:
+def autoclaim_parts(reply: Any) -> tuple[str, list[tuple[bytes, Any]], list[bytes]]:
     """Splits an XAUTOCLAIM reply of any Redis version into its three parts."""
     cursor = _text(reply[0]) or "0-0"
     entries = [(entry[0], entry[1]) for entry in (reply[1] or ())]
