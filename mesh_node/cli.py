@@ -24,7 +24,7 @@ from . import constants as c
 from . import logs
 from .errors import ConfigError
 from .producer import read_payloads, submit, wait_for_results
-from .redis_link import connect
+from .redis_link import RedisLink, connect
 from .settings import Settings, load_settings, resolve_api_key
 
 if TYPE_CHECKING:
@@ -252,22 +252,33 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(flags, os.environ, args.config)
 
 
-def _executor(settings: Settings) -> tuple[Executor, anthropic.AsyncAnthropic]:
+def _executor(
+    settings: Settings, redis: tuple[aioredis.Redis, RedisLink] | None = None
+) -> tuple[Executor, anthropic.AsyncAnthropic]:
+    """The executor, with a limiter shared through Redis when there is one."""
     # The node's own modules import the SDK, which is slow to import; only the
     # commands that call the API pay for it.
     import anthropic
 
     from .executor import Executor
+    from .ratelimit import LimitBackend
+    from .ratelimit.limiter import limiter_for
+    from .ratelimit.memory import MemoryLimitBackend
+    from .ratelimit.redis_backend import RedisLimitBackend
     from .retrying import RetryPolicy
 
-    key = resolve_api_key(os.environ)
+    key = resolve_api_key(os.environ).get_secret_value()
     client = anthropic.AsyncAnthropic(
-        api_key=key.get_secret_value(), base_url=settings.api_base_url, max_retries=0
+        api_key=key, base_url=settings.api_base_url, max_retries=0
     )
     policy = RetryPolicy(
         max_attempts=settings.retry.max_attempts, max_total_s=settings.retry.max_total_s
     )
-    return Executor(client, settings, policy), client
+    backend: LimitBackend = MemoryLimitBackend()
+    if redis is not None:
+        backend = RedisLimitBackend(redis[0], redis[1], settings.prefix, key)
+    limiter = limiter_for(settings, backend)
+    return Executor(client, settings, policy, limiter), client
 
 
 async def _run_worker(
@@ -289,6 +300,7 @@ async def _run_worker(
         grace_period_s=settings.grace_period_s,
         max_deliveries=settings.max_deliveries,
         stopping=stopping,
+        hold=executor.limiter.budget_wait_s,
     )
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -304,7 +316,7 @@ async def _run_worker(
 
 async def _serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    executor, api = _executor(settings)
+    resolve_api_key(os.environ)
     from .intake.redis_stream import RedisStreamIntake
     from .sink.redis_stream import RedisStreamSink
 
@@ -312,6 +324,7 @@ async def _serve(args: argparse.Namespace) -> int:
     client = connect(settings.redis_url, max_connections=settings.concurrency + 8)
     keys = c.Keys(settings.prefix)
     stopping = asyncio.Event()
+    api: anthropic.AsyncAnthropic | None = None
     try:
         await client.ping()
         intake = RedisStreamIntake(
@@ -331,6 +344,7 @@ async def _serve(args: argparse.Namespace) -> int:
             retention_s=settings.result_retention_s,
             claim_timeout_ms=settings.claim_timeout_ms,
         )
+        executor, api = _executor(settings, (client, intake.link))
         await _run_worker(settings, intake, sink, executor, stopping)
     except RedisError as exc:
         log.error(
@@ -340,7 +354,8 @@ async def _serve(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     finally:
         await client.aclose()
-        await api.close()
+        if api is not None:
+            await api.close()
     return EXIT_OK
 
 

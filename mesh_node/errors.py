@@ -15,6 +15,7 @@ specific `ApiCallError`; nothing else in the node looks at SDK exception types.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,10 @@ class ApiCallError(TaskError):
         self.request_id = request_id
 
 
+# A 429 whose message speaks of money is a spend or credit limit, not a rate
+# limit: waiting a moment will not lift it.
+SPEND_LIMIT = re.compile(r"credit|spend|billing|usage limit|quota", re.IGNORECASE)
+
 # Statuses worth another attempt: the API's documented transient failures.
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
@@ -188,11 +193,12 @@ def api_call_error(exc: anthropic.APIError) -> ApiCallError:
 def _status_error(exc: anthropic.APIStatusError) -> ApiCallError:
     status = exc.status_code
     detail = exc.api_message or f"HTTP {status}"
+    spend_limit = status == 429 and SPEND_LIMIT.search(detail) is not None
     return ApiCallError(
         f"{status} {exc.type or 'error'}: {detail}",
         error_type_for_status(status),
         status_code=status,
-        retryable=status in RETRYABLE_STATUSES,
+        retryable=status in RETRYABLE_STATUSES and not spend_limit,
         retry_after_s=parse_retry_after(exc.response.headers),
         request_id=exc.request_id,
     )

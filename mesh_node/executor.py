@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import math
 import time
+from collections.abc import Mapping
 from typing import cast
 
 import anthropic
@@ -17,11 +19,13 @@ from anthropic import Omit, omit
 from anthropic.types import Message, MessageParam, MetadataParam
 
 from .errors import (
+    ApiCallError,
     DeadlineExceededError,
     ErrorType,
     TaskError,
     api_call_error,
 )
+from .ratelimit.limiter import DEFAULT_PAUSE_S, Call, Limiter
 from .retrying import RetryPolicy
 from .settings import Settings
 from .tasks import ResultError, ResultMetadata, Task, TaskResult, Usage, utc_timestamp
@@ -34,14 +38,20 @@ class Executor:
         client: the SDK client, built with `max_retries=0`.
         settings: the node's settings (defaults, deadlines).
         policy: the retry policy.
+        limiter: the rate limits and budgets of the API key.
     """
 
     def __init__(
-        self, client: anthropic.AsyncAnthropic, settings: Settings, policy: RetryPolicy
+        self,
+        client: anthropic.AsyncAnthropic,
+        settings: Settings,
+        policy: RetryPolicy,
+        limiter: Limiter,
     ) -> None:
         self._client = client
         self._settings = settings
         self._policy = policy
+        self.limiter = limiter
 
     async def execute(
         self, task: Task, *, source: str, received_s: float
@@ -66,7 +76,7 @@ class Executor:
         async def attempt(number: int) -> Message:
             nonlocal attempts
             attempts = number
-            return await self._create(task, model, deadline_s)
+            return await self._attempt(task, model, deadline_s)
 
         deadline_s = received_s + self._budget_ms(task) / 1000
         try:
@@ -127,7 +137,42 @@ class Executor:
         limit_ms = self._settings.max_execution_time_ms
         return min(limit_ms, task.timeoutMs) if task.timeoutMs else limit_ms
 
-    async def _create(self, task: Task, model: str, deadline_s: float) -> Message:
+    async def _attempt(self, task: Task, model: str, deadline_s: float) -> Message:
+        """One API call inside the limiter: reserve, call, settle what was used."""
+        call = Call(model, _input_estimate(task), self._max_tokens(task))
+        reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
+        try:
+            message, headers = await self._create(task, model, deadline_s)
+        except ApiCallError as exc:
+            await self.limiter.settle(
+                reservation, call, input_tokens=0, output_tokens=0
+            )
+            await self._after_refusal(exc)
+            raise
+        usage = message.usage
+        await self.limiter.settle(
+            reservation,
+            call,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
+        await self.limiter.observe(headers)
+        return message
+
+    async def _after_refusal(self, error: ApiCallError) -> None:
+        """A 429 pauses the whole key: every process using it waits it out."""
+        if error.status_code != 429:
+            return
+        if error.retryable:
+            await self.limiter.pause(error.retry_after_s or 1.0, "the API said 429")
+        else:
+            await self.limiter.pause(
+                error.retry_after_s or DEFAULT_PAUSE_S, f"spend limit: {error.message}"
+            )
+
+    async def _create(
+        self, task: Task, model: str, deadline_s: float
+    ) -> tuple[Message, Mapping[str, str]]:
         timeout_s = max(0.001, deadline_s - time.monotonic())
         # The SDK no longer names `temperature`; it goes in the body as given,
         # and a model that refuses it answers 400 (`invalid_request`).
@@ -135,9 +180,9 @@ class Executor:
             {"temperature": task.temperature} if task.temperature is not None else None
         )
         try:
-            return await self._client.messages.create(
+            raw = await self._client.messages.with_raw_response.create(
                 model=model,
-                max_tokens=task.max_tokens or self._settings.default_max_tokens,
+                max_tokens=self._max_tokens(task),
                 messages=cast("list[MessageParam]", task.turns()),
                 system=task.system if task.system is not None else omit,
                 stop_sequences=task.stop_sequences or omit,
@@ -145,8 +190,12 @@ class Executor:
                 extra_body=extra,
                 timeout=timeout_s,
             )
+            return await raw.parse(), raw.headers
         except anthropic.APIError as exc:
             raise api_call_error(exc) from None
+
+    def _max_tokens(self, task: Task) -> int:
+        return task.max_tokens or self._settings.default_max_tokens
 
     def _success(
         self,
@@ -176,6 +225,11 @@ class Executor:
                 source=source,
             ),
         )
+
+
+def _input_estimate(task: Task) -> int:
+    """An upper estimate of the input tokens: a token is rarely under 3 bytes."""
+    return math.ceil(task.text_bytes() / 3) + 16
 
 
 def _metadata(task: Task) -> MetadataParam | Omit:

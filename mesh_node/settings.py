@@ -14,9 +14,16 @@ import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from . import constants as c
 from .errors import ConfigError
@@ -31,6 +38,40 @@ class RateLimiting(BaseModel):
 
     max_requests_per_minute: int = Field(20, alias="maxRequestsPerMinute", ge=1)
     max_requests_per_hour: int = Field(100, alias="maxRequestsPerHour", ge=1)
+    max_input_tokens_per_minute: int | None = Field(
+        None, alias="maxInputTokensPerMinute", ge=1
+    )
+    max_output_tokens_per_minute: int | None = Field(
+        None, alias="maxOutputTokensPerMinute", ge=1
+    )
+
+
+class ModelPrice(BaseModel):
+    """What one model costs, in dollars per million tokens."""
+
+    model_config = _SECTION
+
+    input_per_mtok: float = Field(alias="inputPerMTok", ge=0)
+    output_per_mtok: float = Field(alias="outputPerMTok", ge=0)
+
+
+class Budget(BaseModel):
+    """Caps on what the node may spend; none by default."""
+
+    model_config = _SECTION
+
+    tokens_per_hour: int | None = Field(None, alias="tokensPerHour", ge=1)
+    tokens_per_day: int | None = Field(None, alias="tokensPerDay", ge=1)
+    usd_per_hour: float | None = Field(None, alias="usdPerHour", gt=0)
+    usd_per_day: float | None = Field(None, alias="usdPerDay", gt=0)
+    on_exceeded: Literal["hold", "fail"] = Field("hold", alias="onExceeded")
+    prices: dict[str, ModelPrice] = Field(default_factory=dict, alias="prices")
+
+    @model_validator(mode="after")
+    def _costs_need_prices(self) -> Budget:
+        if (self.usd_per_hour or self.usd_per_day) and not self.prices:
+            raise ValueError("a dollar budget needs 'prices' for the models it covers")
+        return self
 
 
 class Retry(BaseModel):
@@ -88,6 +129,7 @@ class Settings(BaseModel):
         c.DEFAULT_RESULT_RETENTION_S, alias="resultRetentionS", ge=1
     )
     retry: Retry = Field(default_factory=Retry, alias="retry")
+    budget: Budget = Field(default_factory=Budget, alias="budget")
     grace_period_s: float = Field(c.DEFAULT_GRACE_PERIOD_S, alias="gracePeriodS", ge=0)
     max_deliveries: int = Field(
         c.DEFAULT_MAX_DELIVERIES, alias="maxDeliveries", ge=1, le=1000

@@ -12,8 +12,10 @@ unanswered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 from .admission import Limits, Rejected, admit
 from .errors import ErrorType, InvalidTaskError, TaskError
@@ -38,6 +40,8 @@ class Worker:
         max_deliveries: a delivery seen more often than this is dead-lettered.
         stopping: set to stop the loop; shared with the intake, which abandons
             its waits for Redis when it is set.
+        hold: says how long to hold off taking new tasks (a spent budget);
+            tasks stay where they are, unread, meanwhile.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class Worker:
         grace_period_s: float,
         max_deliveries: int,
         stopping: asyncio.Event | None = None,
+        hold: Callable[[], Awaitable[float]] | None = None,
     ) -> None:
         self._intake = intake
         self._sink = sink
@@ -59,6 +64,8 @@ class Worker:
         self._concurrency = concurrency
         self._grace_period_s = grace_period_s
         self._max_deliveries = max_deliveries
+        self._hold = hold
+        self._holding = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self.stopping = stopping or asyncio.Event()
         self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "crashed": 0}
@@ -74,7 +81,7 @@ class Worker:
         try:
             while not self.stopping.is_set() and not self._intake.exhausted:
                 free = await self._free_slots()
-                if free and not self.stopping.is_set():
+                if free and not self.stopping.is_set() and not await self._held():
                     for delivery in await self._intake.receive(free):
                         self._spawn(delivery)
             await self._drain()
@@ -90,6 +97,22 @@ class Worker:
             )
             stop_waiter.cancel()
         return self._concurrency - len(self._in_flight)
+
+    async def _held(self) -> bool:
+        """Waits a moment and says so while new tasks must wait (budget spent)."""
+        wait_s = await self._hold() if self._hold is not None else 0.0
+        if wait_s > 0 and not self._holding:
+            log.warning(
+                "worker.holding",
+                extra={"reason": "budget spent", "free_in_s": round(wait_s, 1)},
+            )
+        elif wait_s <= 0 and self._holding:
+            log.info("worker.resumed")
+        self._holding = wait_s > 0
+        if self._holding:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), min(wait_s, 1.0))
+        return self._holding
 
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._handle(delivery))

@@ -179,6 +179,10 @@ class Run:
                     "claimTimeoutMs": 3000,
                     "gracePeriodS": 10,
                     "retry": {"maxAttempts": 8},
+                    "rateLimiting": {
+                        "maxRequestsPerMinute": 1_000_000,
+                        "maxRequestsPerHour": 10_000_000,
+                    },
                 }
             )
         )

@@ -1,0 +1,317 @@
+"""The limiter's policy: what a call reserves, how long it may wait, when to pause.
+
+Waiting is fair within a process (one FIFO queue: the head asks the backend,
+the rest wait their turn) and bounded by each task's deadline: a task that
+cannot get room before its deadline fails at once instead of holding a slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ..errors import ErrorType, TaskError
+from ..settings import Settings
+from . import LimitBackend, Unit, Verdict, Window, WindowKind
+
+log = logging.getLogger(__name__)
+
+# A whole API key pause with no `retry-after` to go by (a spend limit says
+# nothing about when it lifts): long enough not to hammer, short enough that a
+# raised limit is noticed.
+DEFAULT_PAUSE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """Dollars per million tokens of one model."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What one API call may use, as the limiter needs to know it."""
+
+    model: str
+    input_tokens: int
+    max_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """Room taken in every window for one call, until settled."""
+
+    token: str
+    costs: list[int]
+    waited_s: float
+
+
+class Limiter:
+    """Paces the calls of one API key within its windows.
+
+    Args:
+        backend: where the windows live.
+        windows: the limits, rate and budget.
+        budget_fails: True fails a task at once when a budget is spent;
+            False (the default) holds it until the budget frees or its deadline.
+        prices: per-model prices, for cost budgets.
+    """
+
+    def __init__(
+        self,
+        backend: LimitBackend,
+        windows: list[Window],
+        *,
+        budget_fails: bool = False,
+        prices: Mapping[str, Price] | None = None,
+    ) -> None:
+        self._backend = backend
+        self._windows = windows
+        self._budget_fails = budget_fails
+        self._prices = dict(prices or {})
+        self._queue = asyncio.Lock()
+
+    async def acquire(self, call: Call, *, deadline_s: float) -> Reservation:
+        """Waits for room for one call, in turn, until the deadline at most.
+
+        Raises:
+            TaskError: `rate_limited` or `budget_exceeded` when room will not
+                come before the deadline or the call can never fit.
+        """
+        costs = [self._cost(window, call) for window in self._windows]
+        token = uuid.uuid4().hex[:16]
+        started_s = time.monotonic()
+        async with self._queue:
+            while True:
+                verdict = await self._backend.acquire(
+                    self._windows, costs, token, dry_run=False
+                )
+                if verdict.wait_ms == 0:
+                    return Reservation(token, costs, time.monotonic() - started_s)
+                self._refuse_if_hopeless(verdict, deadline_s)
+                log.debug(
+                    "limiter.waiting",
+                    extra={
+                        "wait_ms": verdict.wait_ms,
+                        "paused": bool(verdict.paused_ms),
+                    },
+                )
+                await asyncio.sleep(verdict.wait_ms / 1000)
+
+    async def settle(
+        self,
+        reservation: Reservation,
+        call: Call,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> None:
+        """Replaces what a call reserved by what it used (0 for a failed call)."""
+        actual = [
+            self._actual(window, call, input_tokens, output_tokens)
+            for window in self._windows
+        ]
+        if actual != reservation.costs:
+            await self._backend.settle(
+                self._windows, reservation.token, reservation.costs, actual
+            )
+
+    async def pause(self, seconds: float, reason: str) -> None:
+        """Stops every call on the key for a while (all processes on a Redis)."""
+        await self._backend.pause(math.ceil(seconds * 1000), reason)
+        log.warning(
+            "limiter.paused", extra={"seconds": round(seconds, 3), "reason": reason}
+        )
+
+    async def observe(self, headers: Mapping[str, str]) -> None:
+        """Pauses before the API would refuse, from its `anthropic-ratelimit-*`."""
+        for family in ("requests", "tokens", "input-tokens", "output-tokens"):
+            remaining = headers.get(f"anthropic-ratelimit-{family}-remaining")
+            reset = headers.get(f"anthropic-ratelimit-{family}-reset")
+            if remaining is None or reset is None or not _is_zero(remaining):
+                continue
+            seconds = _seconds_until(reset)
+            if seconds > 0:
+                await self.pause(seconds, f"the API reports no {family} left")
+
+    async def budget_wait_s(self) -> float:
+        """How long until every budget has room again; 0 when it has now."""
+        budgets = [w for w in self._windows if w.kind is WindowKind.BUDGET]
+        if not budgets:
+            return 0.0
+        verdict = await self._backend.acquire(
+            budgets, [1] * len(budgets), "peek", dry_run=True
+        )
+        return max(0, verdict.wait_ms) / 1000
+
+    def _refuse_if_hopeless(self, verdict: Verdict, deadline_s: float) -> None:
+        window = self._windows[verdict.window] if verdict.window >= 0 else None
+        budget = window is not None and window.kind is WindowKind.BUDGET
+        error_type = ErrorType.BUDGET_EXCEEDED if budget else ErrorType.RATE_LIMITED
+        if verdict.wait_ms < 0:
+            raise TaskError(
+                f"the call needs more than the whole {_name(window)} limit", error_type
+            )
+        if budget and self._budget_fails:
+            raise TaskError(f"the {_name(window)} budget is spent", error_type)
+        if time.monotonic() + verdict.wait_ms / 1000 > deadline_s:
+            what = (
+                "the API key is paused"
+                if verdict.paused_ms
+                else (f"the {_name(window)} limit")
+            )
+            raise TaskError(
+                f"{what} leaves no room before the task's deadline "
+                f"(next room in {verdict.wait_ms} ms)",
+                error_type,
+                retryable=True,
+            )
+
+    def _cost(self, window: Window, call: Call) -> int:
+        return self._amount(window.unit, call, call.input_tokens, call.max_tokens)
+
+    def _actual(
+        self, window: Window, call: Call, input_tokens: int, output_tokens: int
+    ) -> int:
+        if window.unit is Unit.REQUESTS:
+            return 1
+        return self._amount(window.unit, call, input_tokens, output_tokens)
+
+    def _amount(
+        self, unit: Unit, call: Call, input_tokens: int, output_tokens: int
+    ) -> int:
+        if unit is Unit.REQUESTS:
+            return 1
+        if unit is Unit.INPUT_TOKENS:
+            return input_tokens
+        if unit is Unit.OUTPUT_TOKENS:
+            return output_tokens
+        if unit is Unit.TOKENS:
+            return input_tokens + output_tokens
+        price = self._prices.get(call.model)
+        if price is None:
+            raise TaskError(
+                f"no price for model '{call.model}' in the budget's price table",
+                ErrorType.BUDGET_EXCEEDED,
+            )
+        return math.ceil(
+            input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok
+        )
+
+
+def _name(window: Window | None) -> str:
+    return window.name.replace("_", " ") if window else "rate"
+
+
+def _is_zero(value: str) -> bool:
+    try:
+        return int(value) <= 0
+    except ValueError:
+        return False
+
+
+def _seconds_until(moment: str) -> float:
+    try:
+        when = dt.datetime.fromisoformat(moment.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (when - dt.datetime.now(dt.UTC)).total_seconds()
+
+
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+
+
+def windows_for(settings: Settings) -> list[Window]:
+    """The windows the settings ask for: rate limits first, then budgets."""
+    rate, budget = settings.rate_limiting, settings.budget
+    wanted: list[tuple[str, int | float | None, int, Unit, WindowKind]] = [
+        (
+            "requests_per_minute",
+            rate.max_requests_per_minute,
+            MINUTE_MS,
+            Unit.REQUESTS,
+            WindowKind.RATE,
+        ),
+        (
+            "requests_per_hour",
+            rate.max_requests_per_hour,
+            HOUR_MS,
+            Unit.REQUESTS,
+            WindowKind.RATE,
+        ),
+        (
+            "input_tokens_per_minute",
+            rate.max_input_tokens_per_minute,
+            MINUTE_MS,
+            Unit.INPUT_TOKENS,
+            WindowKind.RATE,
+        ),
+        (
+            "output_tokens_per_minute",
+            rate.max_output_tokens_per_minute,
+            MINUTE_MS,
+            Unit.OUTPUT_TOKENS,
+            WindowKind.RATE,
+        ),
+        (
+            "tokens_per_hour",
+            budget.tokens_per_hour,
+            HOUR_MS,
+            Unit.TOKENS,
+            WindowKind.BUDGET,
+        ),
+        (
+            "tokens_per_day",
+            budget.tokens_per_day,
+            DAY_MS,
+            Unit.TOKENS,
+            WindowKind.BUDGET,
+        ),
+        (
+            "dollars_per_hour",
+            _micro(budget.usd_per_hour),
+            HOUR_MS,
+            Unit.MICRO_USD,
+            WindowKind.BUDGET,
+        ),
+        (
+            "dollars_per_day",
+            _micro(budget.usd_per_day),
+            DAY_MS,
+            Unit.MICRO_USD,
+            WindowKind.BUDGET,
+        ),
+    ]
+    return [
+        Window(name, int(limit), window_ms, unit, kind)
+        for name, limit, window_ms, unit, kind in wanted
+        if limit is not None
+    ]
+
+
+def limiter_for(settings: Settings, backend: LimitBackend) -> Limiter:
+    """The limiter the settings describe, on a backend."""
+    prices = {
+        model: Price(p.input_per_mtok, p.output_per_mtok)
+        for model, p in settings.budget.prices.items()
+    }
+    return Limiter(
+        backend,
+        windows_for(settings),
+        budget_fails=settings.budget.on_exceeded == "fail",
+        prices=prices,
+    )
+
+
+def _micro(usd: float | None) -> int | None:
+    return None if usd is None else math.ceil(usd * 1_000_000)

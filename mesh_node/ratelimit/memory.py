@@ -1,0 +1,92 @@
+"""The limiter's windows in one process's memory, for stdin and batch modes."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from . import SAFETY_MS, Verdict, Window
+
+
+@dataclass
+class _Entry:
+    at_ms: int
+    token: str
+    cost: int
+
+
+@dataclass
+class MemoryLimitBackend:
+    """Sliding windows as deques; the same rules as the Redis backend's script."""
+
+    _windows: dict[str, deque[_Entry]] = field(default_factory=dict)
+    _paused_until_ms: int = 0
+    _pause_reason: str | None = None
+
+    async def acquire(
+        self, windows: list[Window], costs: list[int], token: str, *, dry_run: bool
+    ) -> Verdict:
+        """Admits the costs in every window at once, or says how long to wait."""
+        now_ms = _now_ms()
+        if self._paused_until_ms > now_ms:
+            return Verdict(self._paused_until_ms - now_ms, paused_ms=1)
+        verdict = Verdict(0)
+        for index, (window, cost) in enumerate(zip(windows, costs, strict=True)):
+            wait_ms = self._wait_ms(window, cost, now_ms)
+            if wait_ms < 0:
+                return Verdict(-1, index)
+            if wait_ms > verdict.wait_ms:
+                verdict = Verdict(wait_ms, index)
+        if verdict.wait_ms or dry_run:
+            return verdict
+        for window, cost in zip(windows, costs, strict=True):
+            if cost > 0:
+                self._entries(window).append(_Entry(now_ms, token, cost))
+        return verdict
+
+    async def settle(
+        self, windows: list[Window], token: str, reserved: list[int], actual: list[int]
+    ) -> None:
+        """Replaces a reservation's costs with what was actually used."""
+        for window, new_cost in zip(windows, actual, strict=True):
+            entries = self._entries(window)
+            for entry in entries:
+                if entry.token == token:
+                    entry.cost = new_cost
+            self._windows[window.name] = deque(e for e in entries if e.cost > 0)
+
+    async def pause(self, duration_ms: int, reason: str) -> None:
+        """Stops all work on the key for a while (extends, never shortens)."""
+        until_ms = _now_ms() + duration_ms
+        if until_ms > self._paused_until_ms:
+            self._paused_until_ms, self._pause_reason = until_ms, reason
+
+    async def paused(self) -> tuple[int, str | None]:
+        """How long the key stays paused, in ms, and why."""
+        left_ms = self._paused_until_ms - _now_ms()
+        return (left_ms, self._pause_reason) if left_ms > 0 else (0, None)
+
+    def _entries(self, window: Window) -> deque[_Entry]:
+        return self._windows.setdefault(window.name, deque())
+
+    def _wait_ms(self, window: Window, cost: int, now_ms: int) -> int:
+        if cost > window.limit:
+            return -1
+        entries = self._entries(window)
+        span_ms = window.window_ms + SAFETY_MS
+        while entries and entries[0].at_ms <= now_ms - span_ms:
+            entries.popleft()
+        need = sum(e.cost for e in entries) + max(cost, 1) - window.limit
+        if need <= 0:
+            return 0
+        freed = 0
+        for entry in entries:
+            freed += entry.cost
+            if freed >= need:
+                return entry.at_ms + span_ms - now_ms + 1
+        return span_ms
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,158 @@
+"""The limiter's windows in Redis, shared by every process that uses one API key.
+
+Each window is a sorted set of `token|cost` members scored by the time they
+were admitted; one Lua script purges, sums, decides and admits for all windows
+at once, on the Redis server's clock, so that processes on different hosts
+agree. The key part is a hash of the API key, never the key itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from ..redis_link import RedisLink
+from . import SAFETY_MS, Verdict, Window
+
+# KEYS: one sorted set per window, then the pause key.
+# ARGV: token, dry run (0/1), then limit, span ms and cost per window.
+# Returns {wait ms, window index (0-based, -1 none), paused (0/1)}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = #KEYS - 1
+local paused = redis.call('PTTL', KEYS[n + 1])
+if paused > 0 then return {paused, -1, 1} end
+local function cost_of(member) return tonumber(string.match(member, '|(%d+)$')) end
+local wait, which = 0, -1
+for i = 1, n do
+  local base = 3 + 3 * (i - 1)
+  local limit, span, cost = tonumber(ARGV[base]), tonumber(ARGV[base + 1]),
+    tonumber(ARGV[base + 2])
+  if cost > limit then return {-1, i - 1, 0} end
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
+  local entries = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
+  local used = 0
+  for j = 1, #entries, 2 do used = used + cost_of(entries[j]) end
+  local need = used + math.max(cost, 1) - limit
+  if need > 0 then
+    local freed, w = 0, span
+    for j = 1, #entries, 2 do
+      freed = freed + cost_of(entries[j])
+      if freed >= need then
+        w = tonumber(entries[j + 1]) + span - now + 1
+        break
+      end
+    end
+    if w > wait then wait, which = w, i - 1 end
+  end
+end
+if wait > 0 or ARGV[2] == '1' then return {wait, which, 0} end
+for i = 1, n do
+  local base = 3 + 3 * (i - 1)
+  if tonumber(ARGV[base + 2]) > 0 then
+    redis.call('ZADD', KEYS[i], now, ARGV[1] .. '|' .. ARGV[base + 2])
+    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[base + 1]) + 1000)
+  end
+end
+return {0, -1, 0}
+"""
+
+# KEYS: one sorted set per window. ARGV: token, then reserved and actual per window.
+_SETTLE = """
+for i = 1, #KEYS do
+  local old = ARGV[1] .. '|' .. ARGV[2 * i]
+  local score = redis.call('ZSCORE', KEYS[i], old)
+  if score then
+    redis.call('ZREM', KEYS[i], old)
+    if tonumber(ARGV[2 * i + 1]) > 0 then
+      redis.call('ZADD', KEYS[i], score, ARGV[1] .. '|' .. ARGV[2 * i + 1])
+    end
+  end
+end
+return 0
+"""
+
+# KEYS: pause key. ARGV: ms from now, reason. Extends, never shortens.
+_PAUSE = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+end
+return 0
+"""
+
+
+def key_id(api_key: str) -> str:
+    """The part of the Redis keys that stands for one API key: a hash of it."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:24]
+
+
+class RedisLimitBackend:
+    """Sliding windows in Redis for one API key.
+
+    Args:
+        client: the Redis client.
+        link: rides out Redis outages.
+        prefix: the node's key prefix; keys are `{prefix}limit:{hash}:{window}`.
+        api_key: only its hash is kept.
+    """
+
+    def __init__(
+        self, client: aioredis.Redis, link: RedisLink, prefix: str, api_key: str
+    ) -> None:
+        self._client = client
+        self._link = link
+        self._base = f"{prefix}limit:{key_id(api_key)}"
+        self._acquire = client.register_script(_ACQUIRE)
+        self._settle = client.register_script(_SETTLE)
+        self._pause = client.register_script(_PAUSE)
+
+    async def acquire(
+        self, windows: list[Window], costs: list[int], token: str, *, dry_run: bool
+    ) -> Verdict:
+        """Admits the costs in every window at once, or says how long to wait."""
+        keys = [*self._keys(windows), f"{self._base}:pause"]
+        args: list[Any] = [token, int(dry_run)]
+        for window, cost in zip(windows, costs, strict=True):
+            args += [window.limit, window.window_ms + SAFETY_MS, cost]
+        reply: Any = await self._link.call(
+            lambda: self._acquire(keys=keys, args=args), what="limiter"
+        )
+        wait_ms, which, paused = (int(part) for part in reply)
+        return Verdict(wait_ms, which, paused_ms=wait_ms if paused else 0)
+
+    async def settle(
+        self, windows: list[Window], token: str, reserved: list[int], actual: list[int]
+    ) -> None:
+        """Replaces a reservation's costs with what was actually used."""
+        args: list[Any] = [token]
+        for before, after in zip(reserved, actual, strict=True):
+            args += [before, after]
+        keys = self._keys(windows)
+        await self._link.call(
+            lambda: self._settle(keys=keys, args=args), what="limiter"
+        )
+
+    async def pause(self, duration_ms: int, reason: str) -> None:
+        """Stops all work on the key for a while (extends, never shortens)."""
+        if duration_ms > 0:
+            keys = [f"{self._base}:pause"]
+            args: list[Any] = [duration_ms, reason]
+            await self._link.call(
+                lambda: self._pause(keys=keys, args=args), what="pause"
+            )
+
+    async def paused(self) -> tuple[int, str | None]:
+        """How long the key stays paused, in ms, and why."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.pttl(f"{self._base}:pause")
+        pipe.get(f"{self._base}:pause")
+        left_ms, reason = await pipe.execute()
+        if int(left_ms) <= 0:
+            return 0, None
+        return int(left_ms), reason.decode() if reason else None
+
+    def _keys(self, windows: list[Window]) -> list[str]:
+        return [f"{self._base}:{window.name}" for window in windows]
