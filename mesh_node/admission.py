@@ -65,9 +65,18 @@ def admit(raw: bytes | str | None, limits: Limits) -> Task | Rejected:
         task = _validate(obj)
         _check_limits(task, limits)
     except InvalidTaskError as exc:
-        task_id = obj.get("id") if isinstance(obj, dict) else None
-        return Rejected(task_id if is_task_id(task_id) else None, exc)
+        return Rejected(_salvage_id(obj), exc)
+    except (RecursionError, ValueError, TypeError) as exc:
+        # Input shaped to break a parser gets the same answer as any other
+        # bad input, never a crash.
+        error = InvalidTaskError(f"task could not be read ({type(exc).__name__})")
+        return Rejected(_salvage_id(obj), error)
     return task
+
+
+def _salvage_id(obj: Any) -> str | None:
+    task_id = obj.get("id") if isinstance(obj, dict) else None
+    return task_id if is_task_id(task_id) else None
 
 
 def _decode(raw: bytes | str | None, limits: Limits) -> Any:

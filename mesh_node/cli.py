@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from . import constants as c
 from . import logs
 from .errors import ConfigError
-from .producer import read_payloads, submit, wait_for_results
+from .producer import read_payloads, stream_end, submit, wait_for_results
 from .redis_link import RedisLink, connect
 from .settings import Settings, load_settings, resolve_api_key
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh_node")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -48,15 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # still importing, say) is a clean exit, not death by signal.
     signal.signal(signal.SIGTERM, _exit_before_start)
     args = build_parser().parse_args(argv)
-    logs.configure(args.log_level)
     command: Command = args.command
     try:
+        logs.configure(_log_level(args.log_level))
         return asyncio.run(command(args))
     except ConfigError as exc:
         print(f"mesh-node: {'; '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _log_level(level: str) -> str:
+    if level not in LOG_LEVELS:
+        choices = ", ".join(LOG_LEVELS)
+        raise ConfigError(
+            f"configuration error: MESH_LOG_LEVEL: must be one of {choices}"
+        )
+    return level
 
 
 def _exit_before_start(_signum: int, _frame: object) -> None:
@@ -69,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mesh-node",
         description="Runs LLM tasks against the Anthropic Messages API: from a Redis "
         "stream (serve), stdin (interactive) or a file (batch).",
-        epilog="Exit codes: 0 done, 1 runtime failure, 2 usage or configuration "
-        "error. Results go to stdout, logs to stderr as JSON lines.",
+        epilog="The API key comes from ANTHROPIC_API_KEY_FILE, ANTHROPIC_API_KEY or "
+        "CLAUDE_API_KEY; ANTHROPIC_BASE_URL points the client elsewhere. Exit "
+        "codes: 0 done, 1 runtime failure, 2 usage or configuration error. Results "
+        "go to stdout, logs to stderr as JSON lines.",
     )
     parser.set_defaults(log_level=os.environ.get("MESH_LOG_LEVEL", "info"))
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
@@ -82,16 +94,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bounded(
+    kind: Callable[[str], Any], low: float, high: float
+) -> Callable[[str], Any]:
+    """An argparse type that also checks a range."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _common() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = argparse.ArgumentParser(add_help=False, parents=[_logging_option()])
     common.add_argument(
         "--config",
         help="JSON configuration file (env MESH_CONFIG; default "
         f"{c.DEFAULT_CONFIG_PATH} when present)",
     )
+    return common
+
+
+def _logging_option() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--log-level",
-        choices=["debug", "info", "warning", "error"],
+        choices=LOG_LEVELS,
         default=os.environ.get("MESH_LOG_LEVEL", "info"),
         help="least severe log level written to stderr (env MESH_LOG_LEVEL; "
         "default info)",
@@ -122,8 +154,8 @@ def _node_options() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--node-id",
-        help="this node's name, also its consumer name (env "
-        "MESH_NODE_ID; default host name and process id)",
+        help="this node's name in results and logs, and in serve its consumer "
+        "name (env MESH_NODE_ID; default host name and process id)",
     )
     return options
 
@@ -196,7 +228,7 @@ def _add_submit(commands: Any) -> None:
 def _add_simulate(commands: Any) -> None:
     sim = commands.add_parser(
         "simulate-api",
-        parents=[_common()],
+        parents=[_logging_option()],
         help="a local stand-in for the Messages API (development, tests, load)",
         description="Serves the Messages API protocol on a local port, with "
         "latency, rate limits and fault injection. Accepted keys come from "
@@ -207,34 +239,38 @@ def _add_simulate(commands: Any) -> None:
     )
     sim.add_argument(
         "--port",
-        type=int,
+        type=_bounded(int, 0, 65535),
         default=8787,
         help="port to bind; 0 picks a free one (default 8787)",
     )
     sim.add_argument(
-        "--latency-ms", type=int, default=0, help="added to every answer (default 0)"
+        "--latency-ms",
+        type=_bounded(int, 0, 3_600_000),
+        default=0,
+        help="added to every answer (default 0)",
     )
     sim.add_argument(
         "--latency-jitter-ms",
-        type=int,
+        type=_bounded(int, 0, 3_600_000),
         default=0,
         help="random extra latency, up to this (default 0)",
     )
     sim.add_argument(
         "--fail-rate",
-        type=float,
+        type=_bounded(float, 0, 1),
         default=0.0,
-        help="share of requests answered with a random 429, 500 or 529 (default 0)",
+        help="share of requests answered with a random 429, 500 or "
+        "529, from 0 to 1 (default 0)",
     )
     sim.add_argument(
         "--rpm",
-        type=int,
+        type=_bounded(int, 1, 10**9),
         default=None,
         help="requests per minute per key before 429 (default unlimited)",
     )
     sim.add_argument(
         "--tpm",
-        type=int,
+        type=_bounded(int, 1, 10**12),
         default=None,
         help="tokens per minute per key before 429 (default unlimited)",
     )
@@ -365,12 +401,14 @@ async def _interactive(args: argparse.Namespace) -> int:
     from .intake.lines import LineIntake
     from .sink.lines import LineSink
 
-    intake = LineIntake(sys.stdin.buffer, max_line_bytes=settings.max_task_bytes)
+    intake = LineIntake(sys.stdin.fileno(), max_line_bytes=settings.max_task_bytes)
     try:
-        await _run_worker(settings, intake, LineSink(sys.stdout.buffer), executor)
+        worker = await _run_worker(
+            settings, intake, LineSink(sys.stdout.buffer), executor
+        )
     finally:
         await api.close()
-    return EXIT_OK
+    return EXIT_FAILURE if worker.output_closed else EXIT_OK
 
 
 async def _batch(args: argparse.Namespace) -> int:
@@ -383,12 +421,23 @@ async def _batch(args: argparse.Namespace) -> int:
         source = _open(stack, args.file, "rb", sys.stdin.buffer)
         target = _open(stack, args.output, "wb", sys.stdout.buffer)
         intake = LineIntake(
-            source, max_line_bytes=settings.max_task_bytes, allow_array=True
+            source.fileno(), max_line_bytes=settings.max_task_bytes, allow_array=True
         )
         try:
-            await _run_worker(settings, intake, LineSink(target), executor)
+            worker = await _run_worker(settings, intake, LineSink(target), executor)
         finally:
             await api.close()
+    if worker.output_closed:
+        return EXIT_FAILURE
+    if not intake.exhausted:
+        log.error(
+            "batch.interrupted",
+            extra={
+                "reason": "stopped before the end of "
+                "the file; later tasks have no result"
+            },
+        )
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -409,10 +458,19 @@ async def _submit(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         source = _open(stack, args.file, "rb", sys.stdin.buffer)
         try:
-            ids = await submit(client, keys, read_payloads(source))
+            after = await stream_end(client, keys)
+            payloads = read_payloads(source.fileno(), args.file)
+            submitted = await submit(client, keys, payloads)
             if not args.wait:
                 return EXIT_OK
-            return await _await_results(client, keys, ids, args.timeout)
+            missing = await wait_for_results(
+                client,
+                keys,
+                submitted,
+                sys.stdout.buffer,
+                after=after,
+                timeout_s=args.timeout,
+            )
         except RedisError as exc:
             log.error(
                 "redis.failed",
@@ -421,22 +479,13 @@ async def _submit(args: argparse.Namespace) -> int:
             return EXIT_FAILURE
         finally:
             await client.aclose()
-
-
-async def _await_results(
-    client: aioredis.Redis, keys: c.Keys, ids: list[str | None], timeout_s: float
-) -> int:
-    known = [task_id for task_id in ids if task_id is not None]
-    if len(known) < len(ids):
-        log.warning(
-            "submit.unawaitable",
-            extra={"tasks": len(ids) - len(known), "reason": "no valid id"},
-        )
-    missing = await wait_for_results(client, keys, known, sys.stdout.buffer, timeout_s)
     if missing:
         log.error(
             "submit.timeout",
-            extra={"missing": len(missing), "first_missing": missing[:5]},
+            extra={
+                "missing": len(missing),
+                "first_missing": [m.task_id or m.entry_id for m in missing[:5]],
+            },
         )
         return EXIT_FAILURE
     return EXIT_OK
@@ -459,7 +508,11 @@ async def _simulate(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    await serve_forever(config, stop)
+    try:
+        await serve_forever(config, stop)
+    except OSError as exc:
+        log.error("simulator.failed", extra={"port": args.port, "error": str(exc)})
+        return EXIT_FAILURE
     return EXIT_OK
 
 

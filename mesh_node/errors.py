@@ -3,6 +3,7 @@
     MeshNodeError
     ├── ConfigError            bad configuration or usage; the command exits 2
     ├── RedisUnavailableError  a wait for Redis through an outage was abandoned
+    ├── OutputClosedError      the reader of the results went away
     └── TaskError              one task fails; its result carries `error_type`
         ├── InvalidTaskError       the input can never succeed (`invalid_task`)
         ├── ApiCallError           the Messages API refused or failed
@@ -70,6 +71,10 @@ class ConfigError(MeshNodeError):
 
 class RedisUnavailableError(MeshNodeError):
     """Redis stayed unreachable until the caller stopped waiting for it."""
+
+
+class OutputClosedError(MeshNodeError):
+    """The results cannot be written any more (stdout or the file was closed)."""
 
 
 class TaskError(MeshNodeError):

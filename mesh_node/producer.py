@@ -1,40 +1,55 @@
 """The producer side: add tasks to the stream and, if asked, wait for results.
 
 Tasks go in as they are written, unvalidated, so that the node, which owns the
-rules, is the one place that judges them.
+rules, is the one place that judges them. Waiting follows each submitted
+entry: its result is the one published with the entry's id as its `source`,
+or, for a task id that already had a result (which the node does not publish
+twice), the stored one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Iterator
-from typing import BinaryIO, cast
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import orjson
 import redis.asyncio as aioredis
 
-from .constants import FIELD_TASK, Keys
+from .constants import FIELD_RESULT, FIELD_TASK, Keys
+from .errors import ConfigError
+from .jsonl import TaskReader
 from .tasks import is_task_id
 
 log = logging.getLogger(__name__)
 
 _PIPELINE_SIZE = 500
-_POLL_S = 0.2
+_POLL_MS = 200
+# The producer does not judge sizes: the node reports oversize tasks itself.
+_NO_LIMIT_BYTES = 1 << 62
 
 
-def read_payloads(stream: BinaryIO) -> Iterator[bytes]:
-    """Yields each task of a JSON-lines file or JSON array, blank lines skipped."""
-    head = stream.peek(1).lstrip()[:1] if hasattr(stream, "peek") else b""
-    if head == b"[":
-        items = orjson.loads(stream.read())
-        yield from (orjson.dumps(item) for item in items)
-        return
-    for line in stream:
-        line = line.rstrip(b"\r\n")
-        if line.strip():
-            yield line
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """One entry added to the task stream."""
+
+    entry_id: str
+    task_id: str | None
+
+
+def read_payloads(fd: int, name: str) -> Iterator[bytes]:
+    """Yields each task of a JSON-lines file or JSON array, blank lines skipped.
+
+    Raises:
+        ConfigError: the file starts as a JSON array but is not one.
+    """
+    reader = TaskReader(fd, max_line_bytes=_NO_LIMIT_BYTES, allow_array=True)
+    for item in reader:
+        if item.raw is None:
+            raise ConfigError(f"{name}: {item.problem}")
+        yield item.raw
 
 
 def task_id_of(payload: bytes) -> str | None:
@@ -47,47 +62,108 @@ def task_id_of(payload: bytes) -> str | None:
     return task_id if is_task_id(task_id) else None
 
 
+async def stream_end(client: aioredis.Redis, keys: Keys) -> str:
+    """The id of the results stream's last entry, where waiting starts from."""
+    last: Any = await client.xrevrange(keys.results, count=1)
+    return str(last[0][0].decode()) if last else "0-0"
+
+
 async def submit(
     client: aioredis.Redis, keys: Keys, payloads: Iterator[bytes]
-) -> list[str | None]:
-    """Adds every payload to the task stream.
-
-    Returns:
-        The task id of each payload in order, None where it has none.
-    """
-    ids: list[str | None] = []
-    pipe = client.pipeline(transaction=False)
+) -> list[Submitted]:
+    """Adds every payload to the task stream, in pipelined batches."""
+    submitted: list[Submitted] = []
+    batch: list[bytes] = []
     for payload in payloads:
+        batch.append(payload)
+        if len(batch) >= _PIPELINE_SIZE:
+            submitted += await _add(client, keys, batch)
+            batch = []
+    submitted += await _add(client, keys, batch)
+    log.info("tasks.submitted", extra={"tasks": len(submitted), "stream": keys.tasks})
+    return submitted
+
+
+async def _add(
+    client: aioredis.Redis, keys: Keys, batch: list[bytes]
+) -> list[Submitted]:
+    if not batch:
+        return []
+    pipe = client.pipeline(transaction=False)
+    for payload in batch:
         pipe.xadd(keys.tasks, {FIELD_TASK: payload})
-        ids.append(task_id_of(payload))
-        if len(pipe) >= _PIPELINE_SIZE:
-            await pipe.execute()
-    await pipe.execute()
-    log.info("tasks.submitted", extra={"tasks": len(ids), "stream": keys.tasks})
-    return ids
+    entry_ids = await pipe.execute()
+    return [
+        Submitted(entry_id.decode(), task_id_of(payload))
+        for entry_id, payload in zip(entry_ids, batch, strict=True)
+    ]
 
 
 async def wait_for_results(
-    client: aioredis.Redis, keys: Keys, ids: list[str], out: BinaryIO, timeout_s: float
-) -> list[str]:
-    """Prints each task's stored result as it appears.
+    client: aioredis.Redis,
+    keys: Keys,
+    submitted: list[Submitted],
+    out: BinaryIO,
+    *,
+    after: str,
+    timeout_s: float,
+) -> list[Submitted]:
+    """Prints the result of each submitted entry as it appears.
+
+    Args:
+        after: the results stream's last entry before the submission.
 
     Returns:
-        The ids still without a result at the timeout.
+        The entries still without a result at the timeout.
     """
-    missing = list(dict.fromkeys(ids))
+    waiting = {entry.entry_id: entry for entry in submitted}
     deadline_s = time.monotonic() + timeout_s
-    while missing:
-        result_keys = [keys.result(task_id) for task_id in missing]
-        values = cast("list[bytes | None]", await client.mget(result_keys))
-        for value in values:
-            if value is not None:
-                out.write(value + b"\n")
+    cursor = after
+    while waiting and time.monotonic() < deadline_s:
+        cursor = await _take_published(client, keys, waiting, out, cursor)
+        await _take_stored(client, keys, waiting, out)
         out.flush()
-        missing = [
-            task_id for task_id, v in zip(missing, values, strict=True) if v is None
-        ]
-        if not missing or time.monotonic() >= deadline_s:
-            break
-        await asyncio.sleep(_POLL_S)
-    return missing
+    return list(waiting.values())
+
+
+async def _take_published(
+    client: aioredis.Redis,
+    keys: Keys,
+    waiting: dict[str, Submitted],
+    out: BinaryIO,
+    cursor: str,
+) -> str:
+    reply: Any = await client.xread({keys.results: cursor}, count=1000, block=_POLL_MS)
+    for _stream, entries in reply or ():
+        for entry_id, fields in entries:
+            cursor = entry_id.decode()
+            result = fields.get(FIELD_RESULT.encode(), b"")
+            source = _source_of(result)
+            if source in waiting:
+                del waiting[source]
+                out.write(result + b"\n")
+    return cursor
+
+
+async def _take_stored(
+    client: aioredis.Redis, keys: Keys, waiting: dict[str, Submitted], out: BinaryIO
+) -> None:
+    """Prints stored results for ids that had one before this submission."""
+    with_ids = [entry for entry in waiting.values() if entry.task_id is not None]
+    if not with_ids:
+        return
+    values: Any = await client.mget([keys.result(str(e.task_id)) for e in with_ids])
+    for entry, value in zip(with_ids, values, strict=True):
+        # A result published for another entry of the same id is this entry's
+        # answer too: the node acknowledges this one without publishing again.
+        if value is not None and _source_of(value) != entry.entry_id:
+            del waiting[entry.entry_id]
+            out.write(value + b"\n")
+
+
+def _source_of(result: bytes) -> str | None:
+    try:
+        source = orjson.loads(result).get("metadata", {}).get("source")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return source if isinstance(source, str) else None

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -135,6 +136,13 @@ class Settings(BaseModel):
         c.DEFAULT_MAX_DELIVERIES, alias="maxDeliveries", ge=1, le=1000
     )
     claim_timeout_ms_setting: int | None = Field(None, alias="claimTimeoutMs", ge=100)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str) -> str:
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return url
 
     @property
     def claim_timeout_ms(self) -> int:
@@ -260,6 +268,7 @@ def _describe(
         else:
             source = path or "defaults"
         problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        problem = problem.removeprefix("Value error, ")
         lines.append(f"configuration error: {key} ({source}): {problem}")
     return "\n".join(lines)
 
@@ -289,11 +298,21 @@ def resolve_api_key(environ: Mapping[str, str]) -> SecretStr:
             raise ConfigError(
                 f"configuration error: {API_KEY_FILE_VARIABLE}: {key_file} is empty"
             )
-        return SecretStr(key)
+        return _checked(key, API_KEY_FILE_VARIABLE)
     for name in API_KEY_VARIABLES:
         if environ.get(name, "").strip():
-            return SecretStr(environ[name].strip())
+            return _checked(environ[name].strip(), name)
     raise ConfigError(
         "configuration error: no API key: set ANTHROPIC_API_KEY, CLAUDE_API_KEY "
         "or ANTHROPIC_API_KEY_FILE"
     )
+
+
+def _checked(key: str, source: str) -> SecretStr:
+    """Refuses a key that could never be sent as a header (two lines, a tab)."""
+    if any(ch.isspace() or not ch.isprintable() for ch in key):
+        raise ConfigError(
+            f"configuration error: {source}: the key holds whitespace or control "
+            "characters"
+        )
+    return SecretStr(key)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .constants import TASK_ID_PATTERN
 from .errors import ErrorType
@@ -21,6 +22,11 @@ TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+# Content blocks of the Messages API are a few levels deep; anything much
+# deeper is an attack on the parser, not a conversation.
+MAX_CONTENT_DEPTH = 32
+
+
 class Turn(BaseModel):
     """One turn of a multi-turn task, as the Messages API takes it."""
 
@@ -28,6 +34,28 @@ class Turn(BaseModel):
 
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("content")
+    @classmethod
+    def _shallow(cls, content: str | list[dict[str, Any]]) -> Any:
+        if isinstance(content, list) and _depth(content) > MAX_CONTENT_DEPTH:
+            raise ValueError(f"nested more than {MAX_CONTENT_DEPTH} levels deep")
+        return content
+
+
+def _depth(value: object) -> int:
+    """How deeply lists and objects nest, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_CONTENT_DEPTH:
+            break
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 class TaskMetadata(BaseModel):
@@ -82,7 +110,7 @@ class Task(BaseModel):
             if isinstance(content, str):
                 size += len(content.encode())
             else:
-                size += sum(len(str(block).encode()) for block in content)
+                size += len(orjson.dumps(content))
         return size
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from .admission import Limits, Rejected, admit
-from .errors import ErrorType, InvalidTaskError, TaskError
+from .errors import ErrorType, InvalidTaskError, OutputClosedError, TaskError
 from .executor import Executor
 from .intake import Delivery, Intake
 from .sink import Sink, Start
@@ -68,10 +68,18 @@ class Worker:
         self._holding = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self.stopping = stopping or asyncio.Event()
+        self._forced = asyncio.Event()
+        self.output_closed = False
         self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "crashed": 0}
 
     def stop(self) -> None:
-        """Asks the loop to stop receiving; safe to call from a signal handler."""
+        """Asks the loop to stop receiving; a second call skips the grace period.
+
+        Safe to call from a signal handler.
+        """
+        if self.stopping.is_set():
+            log.warning("worker.forced", extra={"in_flight": len(self._in_flight)})
+            self._forced.set()
         self.stopping.set()
 
     async def run(self) -> None:
@@ -120,12 +128,32 @@ class Worker:
         task.add_done_callback(self._in_flight.discard)
 
     async def _drain(self) -> None:
-        """Lets tasks in flight finish within the grace period, then cancels them."""
+        """Lets tasks in flight finish, within the grace period once a stop is asked.
+
+        A second stop request cuts the grace period short.
+        """
         if not self._in_flight:
             return
-        grace_s = self._grace_period_s if self.stopping.is_set() else None
         log.info("worker.draining", extra={"in_flight": len(self._in_flight)})
-        _done, pending = await asyncio.wait(self._in_flight, timeout=grace_s)
+        loop = asyncio.get_running_loop()
+        deadline_s: float | None = None
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            while self._in_flight and not forced.done():
+                if deadline_s is None and self.stopping.is_set():
+                    deadline_s = loop.time() + self._grace_period_s
+                timeout_s = None if deadline_s is None else deadline_s - loop.time()
+                if timeout_s is not None and timeout_s <= 0:
+                    break
+                # Wake up at least once a second to notice a stop request.
+                await asyncio.wait(
+                    {*self._in_flight, forced},
+                    timeout=min(timeout_s or 1.0, 1.0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            forced.cancel()
+        pending = set(self._in_flight)
         for task in pending:
             task.cancel()
         if pending:
@@ -134,9 +162,10 @@ class Worker:
 
     async def _handle(self, delivery: Delivery) -> None:
         received_s = time.monotonic()
-        admitted = self._admit(delivery)
-        task_id = admitted.id if isinstance(admitted, Task) else admitted.task_id
+        task_id: str | None = None
         try:
+            admitted = self._admit(delivery)
+            task_id = admitted.id if isinstance(admitted, Task) else admitted.task_id
             if delivery.deliveries > self._max_deliveries:
                 await self._dead_letter(delivery, task_id)
                 return
@@ -149,6 +178,12 @@ class Worker:
         except asyncio.CancelledError:
             await self._answer_cancelled(delivery, task_id)
             raise
+        except OutputClosedError:
+            if not self.output_closed:
+                log.error("output.closed", extra={"task_id": task_id})
+            self.output_closed = True
+            self.stop()
+            return
         except Exception as exc:
             # The entry stays pending (stream) and the node keeps going; the
             # cause is logged without the task's content.

@@ -1,9 +1,9 @@
-"""Tasks from a byte stream: stdin in interactive mode, a file in batch mode.
+"""Tasks from a file descriptor: stdin in interactive mode, a file in batch mode.
 
-The input is JSON lines, or for files one JSON array. A reader thread does the
-blocking reads, because asyncio cannot watch regular files or every kind of
-stdin; it reads a line only when the worker has granted it a credit, so the
-node never holds more tasks than it has free slots.
+The input is JSON lines, or for files one JSON array (`jsonl.TaskReader`). A
+reader thread does the blocking reads, because asyncio cannot watch regular
+files or every kind of stdin; it reads a task only when the worker has granted
+it a credit, so the node never holds more tasks than it has free slots.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from typing import BinaryIO
 
-import orjson
-
+from ..jsonl import TaskReader
 from . import Delivery
 
 # How long `receive` waits before returning empty-handed, so that the worker
@@ -26,7 +24,7 @@ class LineIntake:
     """Reads deliveries from a binary stream in a daemon thread.
 
     Args:
-        stream: where the tasks come from; closed by `close` unless it is stdin.
+        fd: the file descriptor the tasks come from; the caller closes it.
         max_line_bytes: longer lines are skipped unread and reported.
         allow_array: accept a JSON array of tasks (batch files) as well.
     """
@@ -34,9 +32,9 @@ class LineIntake:
     redeliverable = False
 
     def __init__(
-        self, stream: BinaryIO, *, max_line_bytes: int, allow_array: bool = False
+        self, fd: int, *, max_line_bytes: int, allow_array: bool = False
     ) -> None:
-        self._stream = stream
+        self._fd = fd
         self._max_line_bytes = max_line_bytes
         self._allow_array = allow_array
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
@@ -95,58 +93,9 @@ class LineIntake:
 
     def _deliveries(self) -> Iterator[Delivery]:
         self._credits.acquire()
-        first = self._stream.peek(1)[:1] if hasattr(self._stream, "peek") else b""
-        if self._allow_array and first.lstrip() == b"[":
-            yield from self._array_items()
-            return
-        number = 0
-        while True:
-            number += 1
-            line, size = self._read_line()
-            if not line and size == 0:
-                return
-            delivery = self._line_delivery(line, size, number)
-            if delivery is None:
-                continue
-            yield delivery
+        reader = TaskReader(
+            self._fd, max_line_bytes=self._max_line_bytes, allow_array=self._allow_array
+        )
+        for item in reader:
+            yield Delivery(raw=item.raw, source=item.source, problem=item.problem)
             self._credits.acquire()
-
-    def _read_line(self) -> tuple[bytes, int]:
-        """One line; for a line over the limit, b"" and its size without the end."""
-        line = self._stream.readline(self._max_line_bytes + 1)
-        if len(line) <= self._max_line_bytes or line.endswith(b"\n"):
-            return line, len(line)
-        size = len(line)
-        while not line.endswith(b"\n"):
-            line = self._stream.readline(65_536)
-            size += len(line)
-            if not line:
-                break
-        return b"", size - (len(line) - len(line.rstrip(b"\r\n")))
-
-    def _line_delivery(self, line: bytes, size: int, number: int) -> Delivery | None:
-        source = f"line {number}"
-        if not line:
-            return Delivery(
-                raw=None,
-                source=source,
-                problem=f"task is {size} bytes, over the limit of "
-                f"{self._max_line_bytes}",
-            )
-        line = line.rstrip(b"\r\n")
-        if not line.strip():
-            return None
-        return Delivery(raw=line, source=source)
-
-    def _array_items(self) -> Iterator[Delivery]:
-        # A JSON array is parsed whole; JSON lines are the format for inputs
-        # too large to hold in memory.
-        try:
-            items = orjson.loads(self._stream.read())
-        except orjson.JSONDecodeError as exc:
-            yield Delivery(raw=None, source="array", problem=f"not valid JSON: {exc}")
-            return
-        for index, item in enumerate(items):
-            if index:
-                self._credits.acquire()
-            yield Delivery(raw=orjson.dumps(item), source=f"item {index}")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import BinaryIO
 
+from ..errors import OutputClosedError
 from ..intake import Delivery
 from ..tasks import TaskResult
 from . import Start
@@ -32,8 +35,15 @@ class LineSink:
         The write blocks the event loop while the reader of stdout is slow; that
         is the backpressure a pipe gives, and a result line is small.
         """
-        self._stream.write(result.to_json().encode() + b"\n")
-        self._stream.flush()
+        try:
+            self._stream.write(result.to_json().encode() + b"\n")
+            self._stream.flush()
+        except (BrokenPipeError, ValueError) as exc:
+            # ValueError: the stream was closed under us. Either way nobody
+            # reads the results any more; further calls would be paid for
+            # and thrown away.
+            _silence(self._stream)
+            raise OutputClosedError(str(exc)) from None
 
     async def dead_letter(
         self, delivery: Delivery, result: TaskResult, reason: str
@@ -46,4 +56,13 @@ class LineSink:
 
     async def close(self) -> None:
         """Flushes the stream."""
-        self._stream.flush()
+        with contextlib.suppress(BrokenPipeError, ValueError):
+            self._stream.flush()
+
+
+def _silence(stream: BinaryIO) -> None:
+    """Points a dead stream's descriptor at /dev/null, so exit flushes quietly."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
