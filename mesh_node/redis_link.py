@@ -50,7 +50,7 @@ def connect(url: str, *, max_connections: int) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)
 
 
 def is_outage(error: BaseException) -> bool:
@@ -105,7 +105,7 @@ class RedisLink:
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(lambda e: is_outage(e) or is_nogroup(e)),
             wait=tenacity.wait_exponential_jitter(
-                initial=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S
+                multiplier=BACKOFF_INITIAL_S, max=BACKOFF_MAX_S
             ),
             before_sleep=lambda state: self._failed(state, what),
             stop=lambda _state: stop is not None and stop.is_set(),

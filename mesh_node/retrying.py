@@ -92,7 +92,9 @@ class RetryPolicy:
         if not self.wait:
             return 0.0
         backoff = tenacity.wait_exponential_jitter(
-            initial=self.backoff_initial_s, max=self.backoff_max_s, jitter=self.jitter_s
+            multiplier=self.backoff_initial_s,
+            max=self.backoff_max_s,
+            jitter=self.jitter_s,
         )(state)
         error = state.outcome.exception() if state.outcome else None
         advised = error.retry_after_s if isinstance(error, ApiCallError) else None

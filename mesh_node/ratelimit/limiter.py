@@ -106,6 +106,28 @@ class Limiter:
                 )
                 await asyncio.sleep(verdict.wait_ms / 1000)
 
+    async def hold(self, call: Call) -> float:
+        """Waits, without a deadline, until every budget has room for a call.
+
+        A held task has not started: its deadline counts from when the hold
+        ends. With `budget_fails`, nothing is held and `acquire` fails instead.
+
+        Returns:
+            The seconds spent held.
+        """
+        budgets = [w for w in self._windows if w.kind is WindowKind.BUDGET]
+        if not budgets or self._budget_fails:
+            return 0.0
+        costs = [self._cost(window, call) for window in budgets]
+        started_s = time.monotonic()
+        while True:
+            verdict = await self._backend.acquire(budgets, costs, "hold", dry_run=True)
+            if verdict.wait_ms <= 0:
+                return time.monotonic() - started_s
+            # Re-check at least every few seconds: others settle below their
+            # reservations and free room before the window says so.
+            await asyncio.sleep(min(verdict.wait_ms / 1000, 5.0))
+
     async def settle(
         self,
         reservation: Reservation,

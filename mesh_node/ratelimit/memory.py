@@ -30,7 +30,8 @@ class MemoryLimitBackend:
         """Admits the costs in every window at once, or says how long to wait."""
         now_ms = _now_ms()
         if self._paused_until_ms > now_ms:
-            return Verdict(self._paused_until_ms - now_ms, paused_ms=1)
+            left_ms = self._paused_until_ms - now_ms
+            return Verdict(left_ms, paused_ms=left_ms)
         verdict = Verdict(0)
         for index, (window, cost) in enumerate(zip(windows, costs, strict=True)):
             wait_ms = self._wait_ms(window, cost, now_ms)

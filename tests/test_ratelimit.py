@@ -1,0 +1,191 @@
+"""The limiter: the same sliding-window rules in memory and in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from mesh_node.errors import ErrorType, TaskError
+from mesh_node.ratelimit import LimitBackend, Unit, Window, WindowKind
+from mesh_node.ratelimit.limiter import Call, Limiter
+from mesh_node.ratelimit.memory import MemoryLimitBackend
+from mesh_node.ratelimit.redis_backend import RedisLimitBackend, key_id
+from mesh_node.redis_link import RedisLink, connect
+
+from .support import FAKE_KEY, RedisServer
+
+
+class Backends:
+    """Builds backends of one kind inside a test's event loop, and closes them."""
+
+    def __init__(self, kind: str, url: str, prefix: str) -> None:
+        self.kind, self.url, self.prefix = kind, url, prefix
+        self.clients: list[Any] = []
+
+    def __call__(self) -> LimitBackend:
+        if self.kind == "memory":
+            return MemoryLimitBackend()
+        client = connect(self.url, max_connections=4)
+        self.clients.append(client)
+        return RedisLimitBackend(client, RedisLink(), self.prefix, FAKE_KEY)
+
+    def run(self, scenario: Callable[[], Awaitable[Any]]) -> Any:
+        """Runs a scenario, then closes every client it opened."""
+
+        async def main() -> Any:
+            try:
+                return await scenario()
+            finally:
+                for client in self.clients:
+                    await client.aclose()
+
+        return asyncio.run(main())
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_backend(
+    request: pytest.FixtureRequest, redis_server: RedisServer, prefix: str
+) -> Backends:
+    """Backends of each kind, on the session's redis-server for the Redis one."""
+    return Backends(request.param, redis_server.url, prefix)
+
+
+def _run(coro: Awaitable[Any]) -> Any:
+    async def main() -> Any:
+        return await coro
+
+    return asyncio.run(main())
+
+
+REQUESTS = Window("requests_per_minute", 3, 60_000)
+TOKENS = Window("tokens_per_hour", 100, 3_600_000, Unit.TOKENS, WindowKind.BUDGET)
+
+
+def test_window_admits_its_limit_then_says_how_long(make_backend: Backends) -> None:
+    """Three requests fit a 3-per-minute window; the fourth must wait ~a minute."""
+
+    async def scenario() -> list[int]:
+        backend = make_backend()
+        waits = []
+        for n in range(4):
+            verdict = await backend.acquire([REQUESTS], [1], f"t{n}", dry_run=False)
+            waits.append(verdict.wait_ms)
+        return waits
+
+    waits = make_backend.run(scenario)
+    assert waits[:3] == [0, 0, 0]
+    assert 59_000 < waits[3] <= 60_251
+
+
+def test_settling_returns_unused_reservation(make_backend: Backends) -> None:
+    """A reservation settled to less frees room in the window at once."""
+
+    async def scenario() -> tuple[int, int]:
+        backend = make_backend()
+        await backend.acquire([TOKENS], [90], "big", dry_run=False)
+        blocked = await backend.acquire([TOKENS], [20], "next", dry_run=False)
+        await backend.settle([TOKENS], "big", [90], [30])
+        admitted = await backend.acquire([TOKENS], [20], "next", dry_run=False)
+        return blocked.wait_ms, admitted.wait_ms
+
+    blocked_ms, admitted_ms = make_backend.run(scenario)
+    assert blocked_ms > 0
+    assert admitted_ms == 0
+
+
+def test_cost_over_the_whole_limit_never_fits(make_backend: Backends) -> None:
+    """A call larger than the window itself is told so, not told to wait."""
+
+    async def scenario() -> int:
+        verdict = await make_backend().acquire([TOKENS], [101], "huge", dry_run=False)
+        return verdict.wait_ms
+
+    assert make_backend.run(scenario) == -1
+
+
+def test_pause_stops_everything_for_its_duration(make_backend: Backends) -> None:
+    """A paused key admits nothing until the pause ends, and says why."""
+
+    async def scenario() -> tuple[int, tuple[int, str | None]]:
+        backend = make_backend()
+        await backend.pause(5_000, "the API said 429")
+        verdict = await backend.acquire([REQUESTS], [1], "t", dry_run=False)
+        return verdict.paused_ms, await backend.paused()
+
+    paused_ms, (left_ms, reason) = make_backend.run(scenario)
+    assert 4_000 < paused_ms <= 5_000
+    assert 4_000 < left_ms <= 5_000
+    assert reason == "the API said 429"
+
+
+def test_dry_run_takes_no_room(make_backend: Backends) -> None:
+    """Asking whether there is room does not use it."""
+
+    async def scenario() -> list[int]:
+        backend = make_backend()
+        waits = []
+        for n in range(5):
+            verdict = await backend.acquire([REQUESTS], [1], f"p{n}", dry_run=True)
+            waits.append(verdict.wait_ms)
+        return waits
+
+    assert make_backend.run(scenario) == [0, 0, 0, 0, 0]
+
+
+def test_limiter_refuses_a_wait_past_the_deadline() -> None:
+    """A wait longer than the task's time left fails at once as rate_limited."""
+
+    async def scenario() -> TaskError:
+        limiter = Limiter(MemoryLimitBackend(), [REQUESTS])
+        call = Call("m", 10, 10)
+        for _ in range(3):
+            await limiter.acquire(call, deadline_s=time.monotonic() + 5)
+        with pytest.raises(TaskError) as caught:
+            await limiter.acquire(call, deadline_s=time.monotonic() + 5)
+        return caught.value
+
+    error = _run(scenario())
+    assert error.error_type is ErrorType.RATE_LIMITED
+    assert error.message.startswith("the requests per minute limit leaves no room")
+
+
+def test_spent_budget_fails_when_so_configured() -> None:
+    """With onExceeded=fail, a spent budget fails the call as budget_exceeded."""
+
+    async def scenario() -> TaskError:
+        limiter = Limiter(MemoryLimitBackend(), [TOKENS], budget_fails=True)
+        await limiter.acquire(Call("m", 50, 40), deadline_s=time.monotonic() + 5)
+        with pytest.raises(TaskError) as caught:
+            await limiter.acquire(Call("m", 50, 40), deadline_s=time.monotonic() + 5)
+        return caught.value
+
+    error = _run(scenario())
+    assert error.error_type is ErrorType.BUDGET_EXCEEDED
+    assert error.message == "the tokens per hour budget is spent"
+
+
+def test_redis_keys_hold_a_hash_of_the_key_never_the_key(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Shared limiter state is keyed by a hash; the key itself is nowhere."""
+
+    async def scenario() -> list[bytes]:
+        client = connect(redis_server.url, max_connections=2)
+        backend = RedisLimitBackend(client, RedisLink(), prefix, FAKE_KEY)
+        await backend.acquire([REQUESTS], [1], "t", dry_run=False)
+        await backend.pause(1000, "why")
+        found: Any = await client.keys(f"{prefix}limit:*")
+        keys = [bytes(key) for key in found]
+        await client.aclose()
+        return keys
+
+    keys = _run(scenario())
+    assert sorted(keys) == sorted(
+        f"{prefix}limit:{key_id(FAKE_KEY)}:{name}".encode()
+        for name in ("requests_per_minute", "pause")
+    )
+    assert all(FAKE_KEY.encode() not in key for key in keys)
