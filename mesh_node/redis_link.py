@@ -77,12 +77,6 @@ class RedisLink:
     ) -> None:
         self._recreate_group = recreate_group
         self._down_since_s: float | None = None
-        self.last_ok_s: float | None = None
-
-    @property
-    def healthy(self) -> bool:
-        """False while an outage is in progress."""
-        return self._down_since_s is None
 
     async def call(
         self,
@@ -139,9 +133,8 @@ class RedisLink:
             )
 
     def _succeeded(self) -> None:
-        self.last_ok_s = time.monotonic()
         if self._down_since_s is not None:
-            outage_s = self.last_ok_s - self._down_since_s
+            outage_s = time.monotonic() - self._down_since_s
             self._down_since_s = None
             log.info("redis.reconnected", extra={"outage_s": round(outage_s, 1)})
 

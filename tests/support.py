@@ -282,3 +282,12 @@ class OwnRedis:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(20)
+
+
+def with_config(env: dict[str, str], **values: Any) -> dict[str, str]:
+    """Sets keys in the configuration file a node environment points at."""
+    path = Path(env["MESH_CONFIG"])
+    config = json.loads(path.read_text())
+    config.update(values)
+    path.write_text(json.dumps(config))
+    return env

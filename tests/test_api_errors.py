@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .support import free_port, run_command
+from .support import free_port, run_command, with_config
 
 # status the simulator answers -> error type, retryable
 STATUS_CASES = [
@@ -39,11 +38,7 @@ def _run(
 @pytest.fixture
 def no_retry_env(node_env: dict[str, str]) -> dict[str, str]:
     """A node that tries each call once, so every status shows as it is."""
-    path = Path(node_env["MESH_CONFIG"])
-    config = json.loads(path.read_text())
-    config["retry"] = {"maxAttempts": 1}
-    path.write_text(json.dumps(config))
-    return node_env
+    return with_config(node_env, retry={"maxAttempts": 1})
 
 
 def test_each_status_maps_to_its_error_type(no_retry_env: dict[str, str]) -> None:

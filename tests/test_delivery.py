@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ from .support import (
     start_command,
     stream_results,
     wait_for,
+    with_config,
 )
 
 
@@ -32,14 +32,6 @@ def _pending(rdb: redis.Redis, prefix: str) -> int:
     except redis.ResponseError:
         return -1
     return int(summary["pending"])
-
-
-def _with_config(env: dict[str, str], **values: Any) -> dict[str, str]:
-    path = Path(env["MESH_CONFIG"])
-    config = json.loads(path.read_text())
-    config.update(values)
-    path.write_text(json.dumps(config))
-    return env
 
 
 def _billed(simulator: SimulatorProcess, prompt: str) -> int:
@@ -80,7 +72,7 @@ def test_killed_node_tasks_are_finished_by_another(
     started: list[Process],
 ) -> None:
     """A node killed while holding 16 tasks: another node finishes all 16."""
-    env = _with_config(node_env, claimTimeoutMs=1500)
+    env = with_config(node_env, claimTimeoutMs=1500)
     ids = [f"held-{n}" for n in range(16)]
     for task_id in ids:
         task = {"id": task_id, "prompt": f"[[sim:latency_ms=4000]] {task_id} {prefix}"}
@@ -119,7 +111,7 @@ def test_running_task_is_not_reclaimed(
     simulator: SimulatorProcess,
 ) -> None:
     """A call longer than the claim timeout stays with its holder: one call."""
-    env = _with_config(node_env, claimTimeoutMs=600)
+    env = with_config(node_env, claimTimeoutMs=600)
     prompt = f"[[sim:latency_ms=3000]] long {prefix}"
     first = start_command("serve", "--node-id", "first", env=env)
     started.append(first)
@@ -144,7 +136,7 @@ def test_sigterm_leaves_unfinished_tasks_pending(
     node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
 ) -> None:
     """SIGTERM past the grace period: exit 0, no result, every entry still pending."""
-    env = _with_config(node_env, gracePeriodS=1)
+    env = with_config(node_env, gracePeriodS=1)
     for n in range(5):
         task = {"id": f"cut-{n}", "prompt": f"[[sim:latency_ms=8000]] {n} {prefix}"}
         add_entry(rdb, prefix, {"task": json.dumps(task)})
@@ -167,7 +159,7 @@ def test_too_many_deliveries_go_to_dead_letters(
     node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
 ) -> None:
     """An entry delivered more than maxDeliveries times is dead-lettered once."""
-    env = _with_config(node_env, claimTimeoutMs=200, maxDeliveries=3)
+    env = with_config(node_env, claimTimeoutMs=200, maxDeliveries=3)
     stream = f"{prefix}tasks"
     rdb.xgroup_create(stream, "mesh-nodes", id="0", mkstream=True)
     task = json.dumps({"id": "poison", "prompt": "never runs"})
@@ -203,7 +195,7 @@ def test_entry_deleted_while_pending_is_dropped(
     node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
 ) -> None:
     """A pending entry deleted from the stream is let go of, once, with a log line."""
-    env = _with_config(node_env, claimTimeoutMs=200)
+    env = with_config(node_env, claimTimeoutMs=200)
     stream = f"{prefix}tasks"
     rdb.xgroup_create(stream, "mesh-nodes", id="0", mkstream=True)
     entry = add_entry(rdb, prefix, {"task": json.dumps({"id": "gone", "prompt": "x"})})

@@ -22,15 +22,8 @@ from .support import (
     start_command,
     stream_results,
     wait_for,
+    with_config,
 )
-
-
-def _config(env: dict[str, str], **values: Any) -> dict[str, str]:
-    path = Path(env["MESH_CONFIG"])
-    config = json.loads(path.read_text())
-    config.update(values)
-    path.write_text(json.dumps(config))
-    return env
 
 
 def _interactive(env: dict[str, str], *tasks: dict[str, Any]) -> list[dict[str, Any]]:
@@ -125,7 +118,7 @@ def _budget_tasks(tag: str) -> list[dict[str, Any]]:
 
 def test_budget_holds_the_fourth_task(node_env: dict[str, str]) -> None:
     """1,000 tokens an hour and ~300-token tasks: three run, the fourth is held."""
-    env = _config(node_env, budget={"tokensPerHour": 1000}, maxPromptBytes=4096)
+    env = with_config(node_env, budget={"tokensPerHour": 1000}, maxPromptBytes=4096)
     popen = subprocess.Popen(
         command("interactive", "--concurrency", "1"),
         env=env,
@@ -158,7 +151,7 @@ def test_budget_holds_the_fourth_task(node_env: dict[str, str]) -> None:
 
 def test_budget_can_fail_instead_of_holding(node_env: dict[str, str]) -> None:
     """With onExceeded=fail, the fourth task fails with budget_exceeded."""
-    env = _config(
+    env = with_config(
         node_env,
         budget={"tokensPerHour": 1000, "onExceeded": "fail"},
         maxPromptBytes=4096,
