@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import cast
 
 import anthropic
@@ -65,51 +66,45 @@ class Executor:
                 the task's deadline counts from then.
         """
         model = task.model or self._settings.default_model
-        if task.expiresAt is not None and task.expiresAt <= dt.datetime.now(dt.UTC):
-            error = TaskError(
-                "expiresAt passed before the task started", ErrorType.EXPIRED
-            )
-            return self.failure(task.id, error, source=source, model=model)
-
         try:
-            received_s += await self.limiter.hold(
-                Call(model, _input_estimate(task), self._max_tokens(task))
-            )
+            _check_not_expired(task)
+            received_s += await self.limiter.hold(self._call(task, model))
         except TaskError as exc:
             return self.failure(task.id, exc, source=source, model=model)
-        attempts = 0
-
-        async def attempt(number: int) -> Message:
-            nonlocal attempts
-            attempts = number
-            return await self._attempt(task, model, deadline_s)
-
-        deadline_s = received_s + self._budget_ms(task) / 1000
+        tries = _Tries()
         try:
-            async with asyncio.timeout_at(deadline_s):
-                message = await self._policy.call(attempt, deadline_s=deadline_s)
-        except TimeoutError:
-            error = DeadlineExceededError(
-                f"no answer within {self._budget_ms(task)} ms"
-            )
-            return self.failure(
-                task.id,
-                error,
-                source=source,
-                model=model,
-                attempts=attempts,
-                received_s=received_s,
-            )
+            message = await self._within_deadline(task, model, received_s, tries)
         except TaskError as exc:
             return self.failure(
                 task.id,
                 exc,
                 source=source,
                 model=model,
-                attempts=attempts,
+                attempts=tries.count,
                 received_s=received_s,
             )
-        return self._success(task, message, source, attempts, received_s)
+        return self._success(task, message, source, tries.count, received_s)
+
+    async def _within_deadline(
+        self, task: Task, model: str, received_s: float, tries: _Tries
+    ) -> Message:
+        """Runs the retry policy until an answer or the task's deadline."""
+        deadline_s = received_s + self._budget_ms(task) / 1000
+
+        async def attempt(number: int) -> Message:
+            tries.count = number
+            return await self._attempt(task, model, deadline_s)
+
+        try:
+            async with asyncio.timeout_at(deadline_s):
+                return await self._policy.call(attempt, deadline_s=deadline_s)
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"no answer within {self._budget_ms(task)} ms"
+            ) from None
+
+    def _call(self, task: Task, model: str) -> Call:
+        return Call(model, _input_estimate(task), self._max_tokens(task))
 
     def failure(
         self,
@@ -145,7 +140,7 @@ class Executor:
 
     async def _attempt(self, task: Task, model: str, deadline_s: float) -> Message:
         """One API call inside the limiter: reserve, call, settle what was used."""
-        call = Call(model, _input_estimate(task), self._max_tokens(task))
+        call = self._call(task, model)
         reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
         try:
             message, headers = await self._create(task, model, deadline_s)
@@ -231,6 +226,18 @@ class Executor:
                 source=source,
             ),
         )
+
+
+@dataclass(slots=True)
+class _Tries:
+    """How many calls one task has made so far."""
+
+    count: int = 0
+
+
+def _check_not_expired(task: Task) -> None:
+    if task.expiresAt is not None and task.expiresAt <= dt.datetime.now(dt.UTC):
+        raise TaskError("expiresAt passed before the task started", ErrorType.EXPIRED)
 
 
 def _input_estimate(task: Task) -> int:

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import ErrorType, TaskError
@@ -253,72 +253,77 @@ HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 
 
+# name, setting, window, unit, kind: every limit the settings can ask for.
+_LIMITS: tuple[
+    tuple[str, Callable[[Settings], float | None], int, Unit, WindowKind], ...
+] = (
+    (
+        "requests_per_minute",
+        lambda s: s.rate_limiting.max_requests_per_minute,
+        MINUTE_MS,
+        Unit.REQUESTS,
+        WindowKind.RATE,
+    ),
+    (
+        "requests_per_hour",
+        lambda s: s.rate_limiting.max_requests_per_hour,
+        HOUR_MS,
+        Unit.REQUESTS,
+        WindowKind.RATE,
+    ),
+    (
+        "input_tokens_per_minute",
+        lambda s: s.rate_limiting.max_input_tokens_per_minute,
+        MINUTE_MS,
+        Unit.INPUT_TOKENS,
+        WindowKind.RATE,
+    ),
+    (
+        "output_tokens_per_minute",
+        lambda s: s.rate_limiting.max_output_tokens_per_minute,
+        MINUTE_MS,
+        Unit.OUTPUT_TOKENS,
+        WindowKind.RATE,
+    ),
+    (
+        "tokens_per_hour",
+        lambda s: s.budget.tokens_per_hour,
+        HOUR_MS,
+        Unit.TOKENS,
+        WindowKind.BUDGET,
+    ),
+    (
+        "tokens_per_day",
+        lambda s: s.budget.tokens_per_day,
+        DAY_MS,
+        Unit.TOKENS,
+        WindowKind.BUDGET,
+    ),
+    (
+        "dollars_per_hour",
+        lambda s: _micro(s.budget.usd_per_hour),
+        HOUR_MS,
+        Unit.MICRO_USD,
+        WindowKind.BUDGET,
+    ),
+    (
+        "dollars_per_day",
+        lambda s: _micro(s.budget.usd_per_day),
+        DAY_MS,
+        Unit.MICRO_USD,
+        WindowKind.BUDGET,
+    ),
+)
+
+
 def windows_for(settings: Settings) -> list[Window]:
     """The windows the settings ask for: rate limits first, then budgets."""
-    rate, budget = settings.rate_limiting, settings.budget
-    wanted: list[tuple[str, int | float | None, int, Unit, WindowKind]] = [
-        (
-            "requests_per_minute",
-            rate.max_requests_per_minute,
-            MINUTE_MS,
-            Unit.REQUESTS,
-            WindowKind.RATE,
-        ),
-        (
-            "requests_per_hour",
-            rate.max_requests_per_hour,
-            HOUR_MS,
-            Unit.REQUESTS,
-            WindowKind.RATE,
-        ),
-        (
-            "input_tokens_per_minute",
-            rate.max_input_tokens_per_minute,
-            MINUTE_MS,
-            Unit.INPUT_TOKENS,
-            WindowKind.RATE,
-        ),
-        (
-            "output_tokens_per_minute",
-            rate.max_output_tokens_per_minute,
-            MINUTE_MS,
-            Unit.OUTPUT_TOKENS,
-            WindowKind.RATE,
-        ),
-        (
-            "tokens_per_hour",
-            budget.tokens_per_hour,
-            HOUR_MS,
-            Unit.TOKENS,
-            WindowKind.BUDGET,
-        ),
-        (
-            "tokens_per_day",
-            budget.tokens_per_day,
-            DAY_MS,
-            Unit.TOKENS,
-            WindowKind.BUDGET,
-        ),
-        (
-            "dollars_per_hour",
-            _micro(budget.usd_per_hour),
-            HOUR_MS,
-            Unit.MICRO_USD,
-            WindowKind.BUDGET,
-        ),
-        (
-            "dollars_per_day",
-            _micro(budget.usd_per_day),
-            DAY_MS,
-            Unit.MICRO_USD,
-            WindowKind.BUDGET,
-        ),
-    ]
-    return [
-        Window(name, int(limit), window_ms, unit, kind)
-        for name, limit, window_ms, unit, kind in wanted
-        if limit is not None
-    ]
+    windows = []
+    for name, setting, window_ms, unit, kind in _LIMITS:
+        limit = setting(settings)
+        if limit is not None:
+            windows.append(Window(name, int(limit), window_ms, unit, kind))
+    return windows
 
 
 def limiter_for(settings: Settings, backend: LimitBackend) -> Limiter:
