@@ -4,9 +4,11 @@
     ├── ConfigError            bad configuration or usage; the command exits 2
     ├── RedisUnavailableError  a wait for Redis through an outage was abandoned
     ├── OutputClosedError      the reader of the results went away
+    ├── TaskDeferredError      a task handed back to the stream for later
     └── TaskError              one task fails; its result carries `error_type`
         ├── InvalidTaskError       the input can never succeed (`invalid_task`)
         ├── ApiCallError           the Messages API refused or failed
+        ├── PartialAnswerError     a streamed answer broke off after some text
         └── DeadlineExceededError  the task ran out of time (`deadline_exceeded`)
 
 SDK exceptions are translated in one place, `api_call_error`, into the most
@@ -77,6 +79,18 @@ class OutputClosedError(MeshNodeError):
     """The results cannot be written any more (stdout or the file was closed)."""
 
 
+class TaskDeferredError(MeshNodeError):
+    """A task that could not get room in time, to be handed back for later.
+
+    Args:
+        cause: the `rate_limited` error it would otherwise have failed with.
+    """
+
+    def __init__(self, cause: TaskError) -> None:
+        super().__init__(cause.message)
+        self.cause = cause
+
+
 class TaskError(MeshNodeError):
     """One task fails with a typed, explainable error.
 
@@ -137,6 +151,22 @@ class ApiCallError(TaskError):
         self.request_id = request_id
 
 
+class PartialAnswerError(TaskError):
+    """A streamed answer that broke off after some text; never retried.
+
+    Args:
+        cause: what broke it.
+        partial: the text that arrived, returned with the failed result.
+    """
+
+    def __init__(self, cause: ApiCallError, partial: str) -> None:
+        super().__init__(
+            f"the answer was cut off after {len(partial)} characters: {cause.message}",
+            cause.error_type,
+        )
+        self.partial = partial
+
+
 # A 429 whose message speaks of money is a spend or credit limit, not a rate
 # limit: waiting a moment will not lift it.
 SPEND_LIMIT = re.compile(r"credit|spend|billing|usage limit|quota", re.IGNORECASE)
@@ -185,8 +215,12 @@ def api_call_error(exc: anthropic.APIError) -> ApiCallError:
             "the API did not answer in time", ErrorType.TIMEOUT, retryable=True
         )
     if isinstance(exc, anthropic.APIConnectionError):
+        # The cause tells a refused connection from one that broke mid-answer.
+        cause = type(exc.__cause__).__name__ if exc.__cause__ else "no cause given"
         return ApiCallError(
-            "could not reach the API", ErrorType.CONNECTION, retryable=True
+            f"could not reach the API, or the connection broke ({cause})",
+            ErrorType.CONNECTION,
+            retryable=True,
         )
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc)
@@ -195,8 +229,23 @@ def api_call_error(exc: anthropic.APIError) -> ApiCallError:
     )
 
 
+# The status an error event inside a stream stands for (its HTTP status is 200).
+_STREAM_ERROR_STATUSES = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
 def _status_error(exc: anthropic.APIStatusError) -> ApiCallError:
     status = exc.status_code
+    if status < 400:
+        status = _STREAM_ERROR_STATUSES.get(exc.type or "", 500)
     detail = exc.api_message or f"HTTP {status}"
     spend_limit = status == 429 and SPEND_LIMIT.search(detail) is not None
     return ApiCallError(

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import anthropic
 from anthropic import Omit, omit
@@ -23,6 +23,8 @@ from .errors import (
     ApiCallError,
     DeadlineExceededError,
     ErrorType,
+    PartialAnswerError,
+    TaskDeferredError,
     TaskError,
     api_call_error,
 )
@@ -30,6 +32,11 @@ from .ratelimit.limiter import DEFAULT_PAUSE_S, Call, Limiter
 from .retrying import RetryPolicy
 from .settings import Settings
 from .tasks import ResultError, ResultMetadata, Task, TaskResult, Usage, utc_timestamp
+
+# Above this `max_tokens` an answer may take longer than the ten minutes a
+# non-streaming call is given (the SDK's rule: an hour per 128,000 tokens), so
+# it is streamed.
+STREAMING_MIN_TOKENS = 21_333
 
 
 class Executor:
@@ -75,9 +82,24 @@ class Executor:
         try:
             message = await self._within_deadline(task, model, received_s, tries)
         except TaskError as exc:
+            if self._defers(exc):
+                raise TaskDeferredError(exc) from None
             return self.failure(
                 task.id,
                 exc,
+                source=source,
+                model=model,
+                attempts=tries.count,
+                received_s=received_s,
+            )
+        if not any(b.type == "text" and b.text for b in message.content):
+            empty = TaskError(
+                f"the API returned an empty answer (stop reason {message.stop_reason})",
+                ErrorType.API_ERROR,
+            )
+            return self.failure(
+                task.id,
+                empty,
                 source=source,
                 model=model,
                 attempts=tries.count,
@@ -103,6 +125,14 @@ class Executor:
                 f"no answer within {self._budget_ms(task)} ms"
             ) from None
 
+    def _defers(self, error: TaskError) -> bool:
+        """Whether a rate limit that outlasts the task hands it back instead."""
+        return (
+            error.error_type is ErrorType.RATE_LIMITED
+            and error.retryable
+            and self._settings.rate_limiting.on_long_wait == "release"
+        )
+
     def _call(self, task: Task, model: str) -> Call:
         return Call(model, _input_estimate(task), self._max_tokens(task))
 
@@ -117,9 +147,11 @@ class Executor:
         received_s: float | None = None,
     ) -> TaskResult:
         """Builds the failed result of a task, for the executor and the worker."""
+        partial = error.partial if isinstance(error, PartialAnswerError) else None
         return TaskResult(
             taskId=task_id,
             success=False,
+            response=partial,
             error=ResultError(
                 type=error.error_type, message=error.message, retryable=error.retryable
             ),
@@ -174,26 +206,51 @@ class Executor:
     async def _create(
         self, task: Task, model: str, deadline_s: float
     ) -> tuple[Message, Mapping[str, str]]:
-        timeout_s = max(0.001, deadline_s - time.monotonic())
+        params = self._params(task, model, deadline_s)
+        try:
+            if params["max_tokens"] > STREAMING_MIN_TOKENS:
+                return await self._stream(params)
+            raw = await self._client.messages.with_raw_response.create(**params)
+            return await raw.parse(), raw.headers
+        except anthropic.APIError as exc:
+            raise api_call_error(exc) from None
+
+    async def _stream(
+        self, params: dict[str, Any]
+    ) -> tuple[Message, Mapping[str, str]]:
+        """A long answer, streamed and assembled into the same message.
+
+        An error before any text is raised as it is, so the retry policy treats
+        it like its status; after text has come, the answer is cut off and is
+        reported with what arrived, not retried (it was already paid for).
+        """
+        parts: list[str] = []
+        try:
+            async with self._client.messages.stream(**params) as stream:
+                async for text in stream.text_stream:
+                    parts.append(text)
+                return await stream.get_final_message(), stream.response.headers
+        except anthropic.APIError as exc:
+            if not parts:
+                raise
+            raise PartialAnswerError(api_call_error(exc), "".join(parts)) from None
+
+    def _params(self, task: Task, model: str, deadline_s: float) -> dict[str, Any]:
         # The SDK no longer names `temperature`; it goes in the body as given,
         # and a model that refuses it answers 400 (`invalid_request`).
         extra = (
             {"temperature": task.temperature} if task.temperature is not None else None
         )
-        try:
-            raw = await self._client.messages.with_raw_response.create(
-                model=model,
-                max_tokens=self._max_tokens(task),
-                messages=cast("list[MessageParam]", task.turns()),
-                system=task.system if task.system is not None else omit,
-                stop_sequences=task.stop_sequences or omit,
-                metadata=_metadata(task),
-                extra_body=extra,
-                timeout=timeout_s,
-            )
-            return await raw.parse(), raw.headers
-        except anthropic.APIError as exc:
-            raise api_call_error(exc) from None
+        return {
+            "model": model,
+            "max_tokens": self._max_tokens(task),
+            "messages": cast("list[MessageParam]", task.turns()),
+            "system": task.system if task.system is not None else omit,
+            "stop_sequences": task.stop_sequences or omit,
+            "metadata": _metadata(task),
+            "extra_body": extra,
+            "timeout": max(0.001, deadline_s - time.monotonic()),
+        }
 
     def _max_tokens(self, task: Task) -> int:
         return task.max_tokens or self._settings.default_max_tokens
@@ -221,7 +278,7 @@ class Executor:
                 attempts=attempts,
                 durationMs=_elapsed_ms(received_s),
                 stopReason=message.stop_reason,
-                requestId=message._request_id,
+                requestId=getattr(message, "_request_id", None),
                 node=self._settings.node_id,
                 source=source,
             ),

@@ -45,6 +45,7 @@ class RateLimiting(BaseModel):
     max_output_tokens_per_minute: int | None = Field(
         None, alias="maxOutputTokensPerMinute", ge=1
     )
+    on_long_wait: Literal["fail", "release"] = Field("fail", alias="onLongWait")
 
 
 class ModelPrice(BaseModel):

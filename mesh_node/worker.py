@@ -18,7 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from .admission import Limits, Rejected, admit
-from .errors import ErrorType, InvalidTaskError, OutputClosedError, TaskError
+from .errors import (
+    ErrorType,
+    InvalidTaskError,
+    OutputClosedError,
+    TaskDeferredError,
+    TaskError,
+)
 from .executor import Executor
 from .intake import Delivery, Intake
 from .sink import Sink, Start
@@ -178,6 +184,9 @@ class Worker:
         except asyncio.CancelledError:
             await self._answer_cancelled(delivery, task_id)
             raise
+        except TaskDeferredError as exc:
+            await self._defer(delivery, task_id, exc)
+            return
         except OutputClosedError:
             if not self.output_closed:
                 log.error("output.closed", extra={"task_id": task_id})
@@ -204,6 +213,28 @@ class Worker:
             extra={"task_id": task_id, "source": delivery.source, "reason": str(start)},
         )
         return False
+
+    async def _defer(
+        self, delivery: Delivery, task_id: str | None, deferred: TaskDeferredError
+    ) -> None:
+        """Hands a stream task back for later; a line cannot wait, so it fails."""
+        if not self._intake.redeliverable:
+            result = self._executor.failure(
+                task_id, deferred.cause, source=delivery.source
+            )
+            await self._sink.deliver(delivery, result)
+            self._finished(result, None)
+            return
+        await self._sink.release(delivery)
+        self.counts["skipped"] += 1
+        log.info(
+            "task.deferred",
+            extra={
+                "task_id": task_id,
+                "source": delivery.source,
+                "reason": deferred.cause.message,
+            },
+        )
 
     async def _dead_letter(self, delivery: Delivery, task_id: str | None) -> None:
         reason = (

@@ -65,7 +65,7 @@ def test_unreachable_api_is_a_connection_error(no_retry_env: dict[str, str]) -> 
     result = _run(env, {"id": "c1", "prompt": "anyone there?"})["c1"]
     assert result["error"] == {
         "type": "connection",
-        "message": "could not reach the API",
+        "message": "could not reach the API, or the connection broke (ConnectError)",
         "retryable": True,
     }
 

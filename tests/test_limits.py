@@ -173,3 +173,63 @@ def test_budget_can_fail_instead_of_holding(node_env: dict[str, str]) -> None:
         "message": "the tokens per hour budget is spent",
         "retryable": False,
     }
+
+
+def test_long_answers_are_streamed_and_cut_offs_say_so(
+    node_env: dict[str, str],
+) -> None:
+    """Long answers stream; a cut stream keeps its text; an empty one fails."""
+    env = with_config(node_env, maxOutputTokens=64_000)
+    tag = env["MESH_PREFIX"]
+    whole, cut, empty = _interactive(
+        env,
+        {"id": "long", "prompt": f"long answer {tag}", "max_tokens": 30_000},
+        {
+            "id": "cut",
+            "prompt": f"[[sim:cut]] cut this answer off in the middle {tag}",
+            "max_tokens": 30_000,
+        },
+        {"id": "empty", "prompt": f"[[sim:empty]] {tag}"},
+    )
+    by_id = {r["taskId"]: r for r in (whole, cut, empty)}
+    assert by_id["long"]["success"] is True
+    assert by_id["long"]["response"] == f"Simulated reply to: long answer {tag}"
+    assert by_id["long"]["metadata"]["usage"]["output_tokens"] > 0
+    broken = by_id["cut"]
+    assert broken["success"] is False
+    assert broken["error"]["type"] == "connection"
+    assert broken["error"]["message"].startswith("the answer was cut off after ")
+    assert broken["error"]["retryable"] is False
+    assert broken["response"]
+    assert broken["metadata"]["attempts"] == 1
+    assert by_id["empty"]["error"]["message"] == (
+        "the API returned an empty answer (stop reason end_turn)"
+    )
+
+
+def test_long_retry_after_hands_the_task_back_when_so_configured(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """onLongWait=release: a retry-after past the deadline leaves the entry pending."""
+    env = with_config(
+        node_env,
+        rateLimiting={
+            "maxRequestsPerMinute": 1000,
+            "maxRequestsPerHour": 10_000,
+            "onLongWait": "release",
+        },
+    )
+    task = {
+        "id": "later",
+        "prompt": "[[sim:status=429,retry_after_s=30]] busy",
+        "timeoutMs": 3000,
+    }
+    add_entry(rdb, prefix, {"task": json.dumps(task)})
+    node = start_command("serve", env=env)
+    started.append(node)
+    event = node.wait_for_event("task.deferred")
+    assert event["task_id"] == "later"
+    assert node.stop() == 0
+    assert rdb.xlen(f"{prefix}results") == 0
+    summary: Any = rdb.xpending(f"{prefix}tasks", "mesh-nodes")
+    assert summary["pending"] == 1
