@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anthropic
+import httpx2
 import pytest
 
-from mesh_node.errors import ErrorType, TaskError
+from mesh_node.errors import ErrorType, TaskError, api_call_error
 from mesh_node.ratelimit import LimitBackend, Unit, Window, WindowKind
 from mesh_node.ratelimit.limiter import Call, Limiter
 from mesh_node.ratelimit.memory import MemoryLimitBackend
@@ -189,3 +192,48 @@ def test_redis_keys_hold_a_hash_of_the_key_never_the_key(
         for name in ("requests_per_minute", "pause")
     )
     assert all(FAKE_KEY.encode() not in key for key in keys)
+
+
+def test_exhausted_api_headers_pause_the_key() -> None:
+    """`anthropic-ratelimit-*-remaining: 0` pauses the key until its reset."""
+
+    async def scenario() -> tuple[int, str | None]:
+        backend = MemoryLimitBackend()
+        limiter = Limiter(backend, [REQUESTS])
+        reset = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=30)
+        await limiter.observe(
+            {
+                "anthropic-ratelimit-requests-remaining": "0",
+                "anthropic-ratelimit-requests-reset": reset.isoformat(),
+                "anthropic-ratelimit-tokens-remaining": "5000",
+            }
+        )
+        return await backend.paused()
+
+    left_ms, reason = _run(scenario())
+    assert 25_000 < left_ms <= 30_000
+    assert reason == "the API reports no requests left"
+
+
+def test_spend_limit_429_is_not_retryable() -> None:
+    """A 429 about credit is not a rate limit: no retry; a plain 429 is retried."""
+
+    def refusal(message: str) -> anthropic.RateLimitError:
+        body = {
+            "type": "error",
+            "error": {"type": "rate_limit_error", "message": message},
+        }
+        request = httpx2.Request("POST", "http://127.0.0.1/v1/messages")
+        response = httpx2.Response(
+            429, json=body, request=request, headers={"retry-after": "7"}
+        )
+        return anthropic.RateLimitError(message, response=response, body=body)
+
+    spend = api_call_error(refusal("Your credit balance is too low"))
+    rate = api_call_error(refusal("Number of requests has exceeded your rate limit"))
+    assert (spend.error_type, spend.retryable) == (ErrorType.RATE_LIMITED, False)
+    assert (rate.error_type, rate.retryable, rate.retry_after_s) == (
+        ErrorType.RATE_LIMITED,
+        True,
+        7.0,
+    )
