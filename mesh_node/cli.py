@@ -45,11 +45,17 @@ Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs one command and returns its exit code."""
-    # A stop request before the node has anything in flight (while the SDK is
-    # still importing, say) is a clean exit, not death by signal.
-    signal.signal(signal.SIGTERM, _exit_before_start)
+    # A stop request that comes while the node is still starting (importing
+    # the SDK takes a second or two) is noted and honoured once the loop runs:
+    # raising from the handler could land anywhere, half-way through an import.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _note_stop)
     args = build_parser().parse_args(argv)
     command: Command = args.command
+    if command is _submit:
+        # A producer has nothing to drain: a signal ends it as usual.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         logs.configure(_log_level(args.log_level))
         return asyncio.run(command(args))
@@ -69,8 +75,20 @@ def _log_level(level: str) -> str:
     return level
 
 
-def _exit_before_start(_signum: int, _frame: object) -> None:
-    raise SystemExit(EXIT_OK)
+_stop_noted: list[int] = []
+
+
+def _note_stop(signum: int, _frame: object) -> None:
+    _stop_noted.append(signum)
+
+
+def _on_stop_signals(stop: Callable[[], None]) -> None:
+    """Routes SIGTERM and SIGINT to `stop`, and calls it for one that came early."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    if _stop_noted:
+        stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,9 +356,7 @@ async def _run_worker(
         stopping=stopping,
         hold=executor.limiter.budget_wait_s,
     )
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop)
+    _on_stop_signals(worker.stop)
     log.info(
         "node.started",
         extra={"node": settings.node_id, "concurrency": settings.concurrency},
@@ -505,9 +521,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         api_keys=keys_from_env(os.environ),
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    _on_stop_signals(stop.set)
     try:
         await serve_forever(config, stop)
     except OSError as exc:

@@ -113,9 +113,8 @@ class Executor:
         """Runs the retry policy until an answer or the task's deadline."""
         deadline_s = received_s + self._budget_ms(task) / 1000
 
-        async def attempt(number: int) -> Message:
-            tries.count = number
-            return await self._attempt(task, model, deadline_s)
+        async def attempt(_number: int) -> Message:
+            return await self._attempt(task, model, deadline_s, tries)
 
         try:
             async with asyncio.timeout_at(deadline_s):
@@ -170,10 +169,14 @@ class Executor:
         limit_ms = self._settings.max_execution_time_ms
         return min(limit_ms, task.timeoutMs) if task.timeoutMs else limit_ms
 
-    async def _attempt(self, task: Task, model: str, deadline_s: float) -> Message:
+    async def _attempt(
+        self, task: Task, model: str, deadline_s: float, tries: _Tries
+    ) -> Message:
         """One API call inside the limiter: reserve, call, settle what was used."""
         call = self._call(task, model)
         reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
+        # Counted once the limiter lets the call go: a refusal is no attempt.
+        tries.count += 1
         try:
             message, headers = await self._create(task, model, deadline_s)
         except ApiCallError as exc:

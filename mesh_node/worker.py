@@ -132,6 +132,7 @@ class Worker:
         task = asyncio.create_task(self._handle(delivery))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(lambda _task: self._intake.finished(delivery))
 
     async def _drain(self) -> None:
         """Lets tasks in flight finish, within the grace period once a stop is asked.

@@ -297,3 +297,43 @@ def test_every_autoclaim_reply_shape_is_understood(
 ) -> None:
     """XAUTOCLAIM replies of Redis 6.2 and 7 split into cursor, entries, deleted."""
     assert autoclaim_parts(reply) == expected
+
+
+def test_node_does_not_reclaim_its_own_tasks_after_an_outage(
+    node_env: dict[str, str],
+    own_redis: OwnRedis,
+    started: list[Process],
+    simulator: SimulatorProcess,
+) -> None:
+    """Redis down longer than the claim timeout: no task of the node runs twice."""
+    env = with_config({**node_env, "REDIS_URL": own_redis.url}, claimTimeoutMs=1000)
+    prefix = env["MESH_PREFIX"]
+    prompts = [f"[[sim:latency_ms=2500]] outage {n} {prefix}" for n in range(12)]
+    client = redis.Redis(port=own_redis.port)
+    node = start_command("serve", "--concurrency", "4", env=env)
+    started.append(node)
+    node.wait_for_event("group.created")
+    for n, prompt in enumerate(prompts):
+        add_entry(
+            client, prefix, {"task": json.dumps({"id": f"o{n}", "prompt": prompt})}
+        )
+    wait_for(
+        lambda: node.event_names().count("task.started") == 4,
+        timeout_s=20,
+        what="four tasks in flight",
+    )
+    client.close()
+    own_redis.stop()
+    node.wait_for_event("redis.unavailable")
+    time.sleep(6)  # the outage itself, longer than the claim timeout
+    own_redis.start()
+    client = redis.Redis(port=own_redis.port)
+    wait_for(
+        lambda: client.xlen(f"{prefix}results") == 12,
+        timeout_s=40,
+        what="all twelve results",
+    )
+    client.close()
+    assert node.stop() == 0
+    assert [_billed(simulator, p) for p in prompts] == [1] * 12
+    assert node.event_names().count("task.started") == 12

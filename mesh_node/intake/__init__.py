@@ -57,6 +57,10 @@ class Intake(Protocol):
         """Waits briefly for up to `max_count` deliveries; [] when none came."""
         ...
 
+    def finished(self, delivery: Delivery) -> None:
+        """Told when the worker is done with a delivery, settled or not."""
+        ...
+
     async def close(self) -> None:
         """Releases what `start` took."""
         ...

@@ -71,6 +71,9 @@ class LineIntake:
         self._exhausted = None in items
         return [item for item in items if item is not None]
 
+    def finished(self, delivery: Delivery) -> None:
+        """Lines need no bookkeeping once read."""
+
     async def close(self) -> None:
         """Nothing to release: the daemon thread ends with the input or the process."""
 

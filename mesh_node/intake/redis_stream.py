@@ -63,6 +63,10 @@ class RedisStreamIntake:
         self._block_ms = block_ms
         self.link = RedisLink(recreate_group=self.create_group)
         self._reclaim_cursor = "0-0"
+        # Entries this node is working on. After an outage longer than the
+        # claim timeout they look idle, and XAUTOCLAIM hands them back to us:
+        # they must not run a second time.
+        self._handed: set[str] = set()
         self._next_reclaim_s = 0.0
 
     async def start(self) -> None:
@@ -99,6 +103,11 @@ class RedisStreamIntake:
         except RedisUnavailableError:
             return []
 
+    def finished(self, delivery: Delivery) -> None:
+        """Forgets a delivery the worker is done with."""
+        if delivery.entry_id is not None:
+            self._handed.discard(delivery.entry_id)
+
     async def close(self) -> None:
         """The client belongs to the caller; nothing to release here."""
 
@@ -110,12 +119,14 @@ class RedisStreamIntake:
             count=max_count,
             block=self._block_ms,
         )
-        return [
+        deliveries = [
             _delivery(entry_id, fields, deliveries=1)
             for _stream, entries in reply or ()
             for entry_id, fields in entries
             if fields is not None
         ]
+        self._handed.update(d.source for d in deliveries)
+        return deliveries
 
     async def _reclaim(self, max_count: int) -> list[Delivery]:
         reply: Any = await self._client.xautoclaim(
@@ -133,15 +144,21 @@ class RedisStreamIntake:
             # when entries read now could first have gone idle.
             self._next_reclaim_s = time.monotonic() + self._claim_timeout_ms / 2000
         await self._forget_deleted(entries, deleted)
-        live = [(entry_id, fields) for entry_id, fields in entries if fields]
+        live = [
+            (entry_id, fields)
+            for entry_id, fields in entries
+            if fields and entry_id.decode() not in self._handed
+        ]
         if not live:
             return []
         counts = await self._delivery_counts([entry_id for entry_id, _ in live])
         log.info("entries.reclaimed", extra={"entries": len(live)})
-        return [
+        deliveries = [
             _delivery(entry_id, fields, deliveries=counts.get(entry_id, 1))
             for entry_id, fields in live
         ]
+        self._handed.update(d.source for d in deliveries)
+        return deliveries
 
     async def _forget_deleted(
         self, entries: list[tuple[bytes, Any]], deleted: list[bytes]
