@@ -213,13 +213,13 @@ def run_command(
     )
 
 
-def start_command(*args: str, env: dict[str, str]) -> Process:
-    """Starts `mesh-node` in the background."""
+def start_command(*args: str, env: dict[str, str], stdin_pipe: bool = False) -> Process:
+    """Starts `mesh-node` in the background; stdin is a pipe when asked for."""
     popen = subprocess.Popen(
         command(*args),
         env=env,
         cwd=REPO,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE if stdin_pipe else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

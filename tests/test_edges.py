@@ -40,15 +40,8 @@ def test_interactive_stops_cleanly_with_stdin_open(
     node_env: dict[str, str], signum: int
 ) -> None:
     """A signal while stdin is still open ends interactive mode with exit 0."""
-    popen = subprocess.Popen(
-        command("interactive"),
-        env=node_env,
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    node = Process(popen)
+    node = start_command("interactive", env=node_env, stdin_pipe=True)
+    popen = node.popen
     assert popen.stdin is not None
     popen.stdin.write(b'{"id": "open-1", "prompt": "hello"}\n')
     popen.stdin.flush()

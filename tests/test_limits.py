@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,9 @@ import redis
 from mesh_node.simulator import prompt_key
 
 from .support import (
-    REPO,
     Process,
     SimulatorProcess,
     add_entry,
-    command,
     run_command,
     start_command,
     stream_results,
@@ -119,15 +116,8 @@ def _budget_tasks(tag: str) -> list[dict[str, Any]]:
 def test_budget_holds_the_fourth_task(node_env: dict[str, str]) -> None:
     """1,000 tokens an hour and ~300-token tasks: three run, the fourth is held."""
     env = with_config(node_env, budget={"tokensPerHour": 1000}, maxPromptBytes=4096)
-    popen = subprocess.Popen(
-        command("interactive", "--concurrency", "1"),
-        env=env,
-        cwd=REPO,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    node = Process(popen)
+    node = start_command("interactive", "--concurrency", "1", env=env, stdin_pipe=True)
+    popen = node.popen
     assert popen.stdin is not None
     assert popen.stdout is not None
     for task in _budget_tasks(env["MESH_PREFIX"]):
