@@ -1,6 +1,6 @@
 """Fixtures that start real parts: a redis-server and the simulator, on loopback.
 
-Nothing here touches the machine's shared Redis: each session starts its own
+Nothing here touches the machine's shared Redis: each test run starts its own
 `redis-server` on a free port, and each test works under its own key prefix.
 """
 
