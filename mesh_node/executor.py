@@ -73,12 +73,12 @@ class Executor:
                 the task's deadline counts from then.
         """
         model = task.model or self._settings.default_model
+        tries = _Tries(Call(model, _input_estimate(task), self._max_tokens(task)))
         try:
             _check_not_expired(task)
-            received_s += await self.limiter.hold(self._call(task, model))
+            received_s += await self.limiter.hold(tries.call)
         except TaskError as exc:
             return self.failure(task.id, exc, source=source, model=model)
-        tries = _Tries()
         try:
             message = await self._within_deadline(task, model, received_s, tries)
         except TaskError as exc:
@@ -132,9 +132,6 @@ class Executor:
             and self._settings.rate_limiting.on_long_wait == "release"
         )
 
-    def _call(self, task: Task, model: str) -> Call:
-        return Call(model, _input_estimate(task), self._max_tokens(task))
-
     def failure(
         self,
         task_id: str | None,
@@ -173,7 +170,7 @@ class Executor:
         self, task: Task, model: str, deadline_s: float, tries: _Tries
     ) -> Message:
         """One API call inside the limiter: reserve, call, settle what was used."""
-        call = self._call(task, model)
+        call = tries.call
         reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
         # Counted once the limiter lets the call go: a refusal is no attempt.
         tries.count += 1
@@ -290,8 +287,9 @@ class Executor:
 
 @dataclass(slots=True)
 class _Tries:
-    """How many calls one task has made so far."""
+    """What one task's calls may use, and how many it has made so far."""
 
+    call: Call
     count: int = 0
 
 

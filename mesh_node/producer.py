@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _PIPELINE_SIZE = 500
 _POLL_MS = 200
+_STORED_EVERY_POLLS = 10
 # The producer does not judge sizes: the node reports oversize tasks itself.
 _NO_LIMIT_BYTES = 1 << 62
 
@@ -119,9 +120,15 @@ async def wait_for_results(
     waiting = {entry.entry_id: entry for entry in submitted}
     deadline_s = time.monotonic() + timeout_s
     cursor = after
+    polls = 0
     while waiting and time.monotonic() < deadline_s:
         cursor = await _take_published(client, keys, waiting, out, cursor)
-        await _take_stored(client, keys, waiting, out)
+        # Stored results only answer ids settled before this submission (or
+        # by a twin entry); looking them all up on every poll would cost one
+        # MGET of every waiting id five times a second.
+        if polls % _STORED_EVERY_POLLS == 0:
+            await _take_stored(client, keys, waiting, out)
+        polls += 1
         out.flush()
     return list(waiting.values())
 

@@ -232,6 +232,11 @@ def add_entry(rdb: redis.Redis, prefix: str, fields: dict[str, bytes | str]) -> 
     return str(entry_id.decode())
 
 
+def add_task(rdb: redis.Redis, prefix: str, task: dict[str, Any]) -> str:
+    """Adds one task, as JSON, to the task stream under `prefix`."""
+    return add_entry(rdb, prefix, {"task": json.dumps(task)})
+
+
 def stream_results(rdb: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     """Every result published under `prefix`, in stream order."""
     entries: Any = rdb.xrange(f"{prefix}results")

@@ -18,6 +18,7 @@ from .support import (
     Process,
     SimulatorProcess,
     add_entry,
+    add_task,
     start_command,
     stream_results,
     wait_for,
@@ -49,9 +50,7 @@ def test_same_ids_twice_cost_one_call_each(
     prompts = {f"twice-{n}": f"twice {n} {prefix}" for n in range(100)}
     for _round in range(2):
         for task_id, prompt in prompts.items():
-            add_entry(
-                rdb, prefix, {"task": json.dumps({"id": task_id, "prompt": prompt})}
-            )
+            add_task(rdb, prefix, {"id": task_id, "prompt": prompt})
     node = start_command("serve", "--concurrency", "32", env=node_env)
     started.append(node)
     wait_for(
@@ -76,7 +75,7 @@ def test_killed_node_tasks_are_finished_by_another(
     ids = [f"held-{n}" for n in range(16)]
     for task_id in ids:
         task = {"id": task_id, "prompt": f"[[sim:latency_ms=4000]] {task_id} {prefix}"}
-        add_entry(rdb, prefix, {"task": json.dumps(task)})
+        add_task(rdb, prefix, task)
     doomed = start_command("serve", "--node-id", "doomed", env=env)
     started.append(doomed)
     wait_for(
@@ -116,7 +115,7 @@ def test_running_task_is_not_reclaimed(
     first = start_command("serve", "--node-id", "first", env=env)
     started.append(first)
     first.wait_for_event("group.created")
-    add_entry(rdb, prefix, {"task": json.dumps({"id": "long", "prompt": prompt})})
+    add_task(rdb, prefix, {"id": "long", "prompt": prompt})
     first.wait_for_event("task.started")
     second = start_command("serve", "--node-id", "second", env=env)
     started.append(second)
@@ -139,7 +138,7 @@ def test_sigterm_leaves_unfinished_tasks_pending(
     env = with_config(node_env, gracePeriodS=1)
     for n in range(5):
         task = {"id": f"cut-{n}", "prompt": f"[[sim:latency_ms=8000]] {n} {prefix}"}
-        add_entry(rdb, prefix, {"task": json.dumps(task)})
+        add_task(rdb, prefix, task)
     node = start_command("serve", env=env)
     started.append(node)
     wait_for(
@@ -198,7 +197,7 @@ def test_entry_deleted_while_pending_is_dropped(
     env = with_config(node_env, claimTimeoutMs=200)
     stream = f"{prefix}tasks"
     rdb.xgroup_create(stream, "mesh-nodes", id="0", mkstream=True)
-    entry = add_entry(rdb, prefix, {"task": json.dumps({"id": "gone", "prompt": "x"})})
+    entry = add_task(rdb, prefix, {"id": "gone", "prompt": "x"})
     rdb.xreadgroup("mesh-nodes", "ghost", {stream: ">"})
     rdb.xdel(stream, entry)
     node = start_command("serve", env=env)
@@ -218,7 +217,7 @@ def test_lost_group_is_recreated(
     started.append(node)
     node.wait_for_event("group.created")
     rdb.xgroup_destroy(f"{prefix}tasks", "mesh-nodes")
-    add_entry(rdb, prefix, {"task": json.dumps({"id": "after", "prompt": "x"})})
+    add_task(rdb, prefix, {"id": "after", "prompt": "x"})
     wait_for(
         lambda: rdb.xlen(f"{prefix}results") == 1,
         timeout_s=20,
@@ -242,9 +241,7 @@ def test_node_rides_out_a_redis_restart(
     started.append(node)
     node.wait_for_event("group.created")
     for n in range(5):
-        add_entry(
-            client, prefix, {"task": json.dumps({"id": f"pre-{n}", "prompt": "x"})}
-        )
+        add_task(client, prefix, {"id": f"pre-{n}", "prompt": "x"})
     wait_for(
         lambda: client.xlen(f"{prefix}results") == 5,
         timeout_s=20,
@@ -261,9 +258,7 @@ def test_node_rides_out_a_redis_restart(
 
     client = redis.Redis(port=own_redis.port)
     for n in range(5):
-        add_entry(
-            client, prefix, {"task": json.dumps({"id": f"post-{n}", "prompt": "x"})}
-        )
+        add_task(client, prefix, {"id": f"post-{n}", "prompt": "x"})
     wait_for(
         lambda: client.xlen(f"{prefix}results") == 10,
         timeout_s=30,
@@ -314,9 +309,7 @@ def test_node_does_not_reclaim_its_own_tasks_after_an_outage(
     started.append(node)
     node.wait_for_event("group.created")
     for n, prompt in enumerate(prompts):
-        add_entry(
-            client, prefix, {"task": json.dumps({"id": f"o{n}", "prompt": prompt})}
-        )
+        add_task(client, prefix, {"id": f"o{n}", "prompt": prompt})
     wait_for(
         lambda: node.event_names().count("task.started") == 4,
         timeout_s=20,

@@ -14,7 +14,7 @@ from mesh_node.simulator import prompt_key
 from .support import (
     Process,
     SimulatorProcess,
-    add_entry,
+    add_task,
     run_command,
     start_command,
     stream_results,
@@ -38,7 +38,7 @@ def test_seed_limits_send_twenty_then_wait(
     del config["rateLimiting"]  # the seed's 20 per minute and 100 per hour
     Path(node_env["MESH_CONFIG"]).write_text(json.dumps(config))
     for n in range(30):
-        add_entry(rdb, prefix, {"task": json.dumps({"id": f"seed-{n}", "prompt": "x"})})
+        add_task(rdb, prefix, {"id": f"seed-{n}", "prompt": "x"})
     node = start_command("serve", "--concurrency", "32", env=node_env)
     started.append(node)
     wait_for(
@@ -214,7 +214,7 @@ def test_long_retry_after_hands_the_task_back_when_so_configured(
         "prompt": "[[sim:status=429,retry_after_s=30]] busy",
         "timeoutMs": 3000,
     }
-    add_entry(rdb, prefix, {"task": json.dumps(task)})
+    add_task(rdb, prefix, task)
     node = start_command("serve", env=env)
     started.append(node)
     event = node.wait_for_event("task.deferred")

@@ -125,7 +125,7 @@ class RedisStreamIntake:
             for entry_id, fields in entries
             if fields is not None
         ]
-        self._handed.update(d.source for d in deliveries)
+        self._handed.update(str(d.entry_id) for d in deliveries)
         return deliveries
 
     async def _reclaim(self, max_count: int) -> list[Delivery]:
@@ -157,7 +157,7 @@ class RedisStreamIntake:
             _delivery(entry_id, fields, deliveries=counts.get(entry_id, 1))
             for entry_id, fields in live
         ]
-        self._handed.update(d.source for d in deliveries)
+        self._handed.update(str(d.entry_id) for d in deliveries)
         return deliveries
 
     async def _forget_deleted(
