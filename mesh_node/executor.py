@@ -28,10 +28,12 @@ from .errors import (
     TaskError,
     api_call_error,
 )
+from .observe import ApiCall, Observer
 from .ratelimit.limiter import DEFAULT_PAUSE_S, Call, Limiter
 from .retrying import RetryPolicy
 from .settings import Settings
 from .tasks import ResultError, ResultMetadata, Task, TaskResult, Usage, utc_timestamp
+from .telemetry import current_traceparent
 
 # Above this `max_tokens` an answer may take longer than the ten minutes a
 # non-streaming call is given (the SDK's rule: an hour per 128,000 tokens), so
@@ -47,6 +49,7 @@ class Executor:
         settings: the node's settings (defaults, deadlines).
         policy: the retry policy.
         limiter: the rate limits and budgets of the API key.
+        observer: told of limiter waits, retries and every API call.
     """
 
     def __init__(
@@ -55,11 +58,13 @@ class Executor:
         settings: Settings,
         policy: RetryPolicy,
         limiter: Limiter,
+        observer: Observer | None = None,
     ) -> None:
         self._client = client
         self._settings = settings
         self._policy = policy
         self.limiter = limiter
+        self.observer = observer or Observer()
 
     async def execute(
         self, task: Task, *, source: str, received_s: float
@@ -76,9 +81,12 @@ class Executor:
         tries = _Tries(Call(model, _input_estimate(task), self._max_tokens(task)))
         try:
             _check_not_expired(task)
-            received_s += await self.limiter.hold(tries.call)
+            held_s = await self.limiter.hold(tries.call)
         except TaskError as exc:
             return self.failure(task.id, exc, source=source, model=model)
+        if held_s > 0:
+            self.observer.limiter_waited(held_s, "budget")
+            received_s += held_s
         try:
             message = await self._within_deadline(task, model, received_s, tries)
         except TaskError as exc:
@@ -118,7 +126,9 @@ class Executor:
 
         try:
             async with asyncio.timeout_at(deadline_s):
-                return await self._policy.call(attempt, deadline_s=deadline_s)
+                return await self._policy.call(
+                    attempt, deadline_s=deadline_s, on_retry=self.observer.retry
+                )
         except TimeoutError:
             raise DeadlineExceededError(
                 f"no answer within {self._budget_ms(task)} ms"
@@ -159,6 +169,7 @@ class Executor:
                 requestId=getattr(error, "request_id", None),
                 node=self._settings.node_id,
                 source=source,
+                traceparent=current_traceparent(),
             ),
         )
 
@@ -172,17 +183,51 @@ class Executor:
         """One API call inside the limiter: reserve, call, settle what was used."""
         call = tries.call
         reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
+        if reservation.waited_s > 0.001:
+            self.observer.limiter_waited(reservation.waited_s, reservation.waited_for)
         # Counted once the limiter lets the call go: a refusal is no attempt.
         tries.count += 1
+        sent_s = time.monotonic()
         try:
             message, headers = await self._create(task, model, deadline_s)
-        except ApiCallError as exc:
-            await self.limiter.settle(
-                reservation, call, input_tokens=0, output_tokens=0
+        except TaskError as exc:
+            self.observer.api_call(
+                ApiCall.failed(
+                    task.id, model, tries.count, time.monotonic() - sent_s, exc
+                )
             )
-            await self._after_refusal(exc)
+            if isinstance(exc, ApiCallError):
+                await self.limiter.settle(
+                    reservation, call, input_tokens=0, output_tokens=0
+                )
+                await self._after_refusal(exc)
+            raise
+        except asyncio.CancelledError:
+            self.observer.api_call(
+                ApiCall(
+                    task.id,
+                    model,
+                    tries.count,
+                    time.monotonic() - sent_s,
+                    status=None,
+                    error_type=str(ErrorType.CANCELLED),
+                )
+            )
             raise
         usage = message.usage
+        self.observer.api_call(
+            ApiCall(
+                task.id,
+                model,
+                tries.count,
+                time.monotonic() - sent_s,
+                status=200,
+                request_id=headers.get("request-id"),
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                response_model=message.model,
+            )
+        )
         await self.limiter.settle(
             reservation,
             call,
@@ -281,6 +326,7 @@ class Executor:
                 requestId=getattr(message, "_request_id", None),
                 node=self._settings.node_id,
                 source=source,
+                traceparent=current_traceparent(),
             ),
         )
 

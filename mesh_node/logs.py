@@ -2,7 +2,9 @@
 
 Only the command-line entry calls `configure`; modules log through
 `logging.getLogger(__name__)` with a stable event name as the message and their
-fields in `extra`.
+fields in `extra`. A record made inside a task's span carries its `trace_id`
+and `span_id`. The audit trail (one `api.call` record per API call) has a
+logger of its own, `AUDIT_LOGGER`, that `configure` can send to a file.
 """
 
 from __future__ import annotations
@@ -13,8 +15,22 @@ import sys
 from typing import Any, TextIO
 
 import orjson
+from opentelemetry import trace
 
 from .tasks import utc_timestamp
+
+AUDIT_LOGGER = "mesh_node.audit"
+
+# Values that must never reach a log line, whatever path they took to it (an
+# exception message, a library's warning): replaced before the line is written.
+_secrets: set[str] = set()
+
+
+def redact(secret: str) -> None:
+    """Keeps `secret` out of every log line from now on."""
+    if len(secret) >= 8:
+        _secrets.add(secret)
+
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 _STANDARD = frozenset(
@@ -37,9 +53,17 @@ class JsonFormatter(logging.Formatter):
         entry.update(
             (key, value) for key, value in vars(record).items() if key not in _STANDARD
         )
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"] = f"{span.trace_id:032x}"
+            entry["span_id"] = f"{span.span_id:016x}"
         if record.exc_info:
             entry["error_trace"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        line = orjson.dumps(entry, default=str).decode()
+        for secret in _secrets:
+            if secret in line:
+                line = line.replace(secret, "[redacted]")
+        return line
 
 
 def _record_time(record: logging.LogRecord) -> dt.datetime:
@@ -47,14 +71,32 @@ def _record_time(record: logging.LogRecord) -> dt.datetime:
 
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
-    """Sends every log record to stderr as JSON lines at the given level."""
+    """Sends every log record to stderr as JSON lines at the given level.
+
+    The audit records go there too, at any level, until `route_audit`.
+    """
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # An audit trail records every call whatever the verbosity of the rest.
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
     # Library warnings (a deprecated model, say) become JSON log lines too.
     logging.captureWarnings(True)
     # The HTTP libraries log every request at INFO; the node logs its own.
     for noisy in ("httpx", "httpx2", "httpcore", "anthropic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def route_audit(path: str) -> None:
+    """Sends the audit records to `path` (appended to) instead of stderr.
+
+    Raises:
+        OSError: the file cannot be opened for appending.
+    """
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter())
+    audit = logging.getLogger(AUDIT_LOGGER)
+    audit.handlers[:] = [handler]
+    audit.propagate = False

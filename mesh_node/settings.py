@@ -138,6 +138,11 @@ class Settings(BaseModel):
     )
     claim_timeout_ms_setting: int | None = Field(None, alias="claimTimeoutMs", ge=100)
 
+    # What the node tells its operator (the exporters are set by OTEL_*).
+    trace_context: Literal["parent", "link"] = Field("parent", alias="traceContext")
+    record_content: bool = Field(False, alias="recordContent")
+    audit_log: str | None = Field(None, alias="auditLog", min_length=1)
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
@@ -168,6 +173,9 @@ ENVIRONMENT = {
     "MESH_CONCURRENCY": "concurrency",
     "MESH_DEFAULT_MODEL": "defaultModel",
     "ANTHROPIC_BASE_URL": "apiBaseUrl",
+    "MESH_TRACE_CONTEXT": "traceContext",
+    "MESH_RECORD_CONTENT": "recordContent",
+    "MESH_AUDIT_LOG": "auditLog",
     "CLAUDE_SANDBOX_MODE": "sandboxMode",
     "CLAUDE_NETWORK_RESTRICTED": "networkRestricted",
     "CLAUDE_FILESYSTEM_READONLY": "readOnlyMode",

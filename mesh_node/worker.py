@@ -66,6 +66,7 @@ class Worker:
         self._intake = intake
         self._sink = sink
         self._executor = executor
+        self._observer = executor.observer
         self._limits = limits
         self._concurrency = concurrency
         self._grace_period_s = grace_period_s
@@ -87,6 +88,21 @@ class Worker:
             log.warning("worker.forced", extra={"in_flight": len(self._in_flight)})
             self._forced.set()
         self.stopping.set()
+
+    def report(self) -> dict[str, int | str]:
+        """What the node is doing now, for its heartbeat."""
+        if self.stopping.is_set():
+            state = "draining"
+        elif self._holding:
+            state = "holding"
+        else:
+            state = "running"
+        return {
+            "state": state,
+            "in_flight": len(self._in_flight),
+            "concurrency": self._concurrency,
+            **self.counts,
+        }
 
     async def run(self) -> None:
         """Runs until the intake is exhausted or a stop is requested."""
@@ -168,11 +184,34 @@ class Worker:
             await asyncio.wait(pending)
 
     async def _handle(self, delivery: Delivery) -> None:
-        received_s = time.monotonic()
+        received_s, received_ns = time.monotonic(), time.time_ns()
         task_id: str | None = None
         try:
             admitted = self._admit(delivery)
-            task_id = admitted.id if isinstance(admitted, Task) else admitted.task_id
+        except Exception as exc:
+            self._crashed(None, exc)
+            return
+        task_id = admitted.id if isinstance(admitted, Task) else admitted.task_id
+        traceparent = delivery.traceparent
+        if isinstance(admitted, Task) and admitted.traceparent:
+            traceparent = admitted.traceparent
+        with self._observer.task(
+            source=delivery.source,
+            entry_id=delivery.entry_id,
+            task_id=task_id,
+            traceparent=traceparent,
+            start_time_ns=received_ns,
+        ):
+            await self._run(delivery, admitted, task_id, received_s)
+
+    async def _run(
+        self,
+        delivery: Delivery,
+        admitted: Task | Rejected,
+        task_id: str | None,
+        received_s: float,
+    ) -> None:
+        try:
             if delivery.deliveries > self._max_deliveries:
                 await self._dead_letter(delivery, task_id)
                 return
@@ -195,20 +234,25 @@ class Worker:
             self.stop()
             return
         except Exception as exc:
-            # The entry stays pending (stream) and the node keeps going; the
-            # cause is logged without the task's content.
-            self.counts["crashed"] += 1
-            log.exception(
-                "task.crashed", extra={"task_id": task_id, "error": type(exc).__name__}
-            )
+            self._crashed(task_id, exc)
             return
-        self._finished(result, received_s)
+        self._finished(result)
+
+    def _crashed(self, task_id: str | None, error: Exception) -> None:
+        # The entry stays pending (stream) and the node keeps going; the
+        # cause is logged without the task's content.
+        self.counts["crashed"] += 1
+        self._observer.crashed(error)
+        log.exception(
+            "task.crashed", extra={"task_id": task_id, "error": type(error).__name__}
+        )
 
     async def _acquire(self, delivery: Delivery, task_id: str) -> bool:
         start = await self._sink.acquire(delivery, task_id)
         if start is Start.RUN:
             return True
         self.counts["skipped"] += 1
+        self._observer.ended_without_result("skipped", str(start))
         log.info(
             "task.skipped",
             extra={"task_id": task_id, "source": delivery.source, "reason": str(start)},
@@ -224,10 +268,11 @@ class Worker:
                 task_id, deferred.cause, source=delivery.source
             )
             await self._sink.deliver(delivery, result)
-            self._finished(result, None)
+            self._finished(result)
             return
         await self._sink.release(delivery)
         self.counts["skipped"] += 1
+        self._observer.ended_without_result("deferred", deferred.cause.message)
         log.info(
             "task.deferred",
             extra={
@@ -253,7 +298,7 @@ class Worker:
                 "deliveries": delivery.deliveries,
             },
         )
-        self._finished(result, None)
+        self._finished(result)
 
     def _admit(self, delivery: Delivery) -> Task | Rejected:
         if delivery.problem is not None:
@@ -277,6 +322,7 @@ class Worker:
     async def _answer_cancelled(self, delivery: Delivery, task_id: str | None) -> None:
         if self._intake.redeliverable:
             await self._sink.release(delivery)
+            self._observer.ended_without_result("released")
             log.info(
                 "task.released", extra={"task_id": task_id, "source": delivery.source}
             )
@@ -288,11 +334,12 @@ class Worker:
         )
         result = self._executor.failure(task_id, error, source=delivery.source)
         await self._sink.deliver(delivery, result)
-        self._finished(result, None)
+        self._finished(result)
 
-    def _finished(self, result: TaskResult, received_s: float | None) -> None:
+    def _finished(self, result: TaskResult) -> None:
         outcome = "succeeded" if result.success else "failed"
         self.counts[outcome] += 1
+        self._observer.finished(result)
         log.info(
             "task.finished",
             extra={

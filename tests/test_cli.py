@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh_node.cli import build_parser, redact_url
+from mesh_node.cli import build_parser
+from mesh_node.commands import redact_url
 
 from .support import FAKE_KEY, free_port, run_command
 

@@ -52,6 +52,9 @@ class Reservation:
     token: str
     costs: list[int]
     waited_s: float
+    waited_for: str = "turn"
+    """What made the call wait last: a window, `pause`, or its `turn` behind
+    this process's other calls."""
 
 
 class Limiter:
@@ -89,14 +92,18 @@ class Limiter:
         costs = [self._cost(window, call) for window in self._windows]
         token = uuid.uuid4().hex[:16]
         started_s = time.monotonic()
+        # Waiting behind this process's other calls, until a window says more.
+        waited_for = "turn"
         async with self._queue:
             while True:
                 verdict = await self._backend.acquire(
                     self._windows, costs, token, dry_run=False
                 )
                 if verdict.wait_ms == 0:
-                    return Reservation(token, costs, time.monotonic() - started_s)
+                    waited_s = time.monotonic() - started_s
+                    return Reservation(token, costs, waited_s, waited_for)
                 self._refuse_if_hopeless(verdict, deadline_s)
+                waited_for = "pause" if verdict.paused_ms else self._which(verdict)
                 log.debug(
                     "limiter.waiting",
                     extra={
@@ -173,6 +180,11 @@ class Limiter:
             budgets, [1] * len(budgets), "peek", dry_run=True
         )
         return max(0, verdict.wait_ms) / 1000
+
+    def _which(self, verdict: Verdict) -> str:
+        """The name of the window that said no, as logs and spans show it."""
+        window = self._windows[verdict.window] if verdict.window >= 0 else None
+        return _name(window)
 
     def _refuse_if_hopeless(self, verdict: Verdict, deadline_s: float) -> None:
         window = self._windows[verdict.window] if verdict.window >= 0 else None

@@ -1,0 +1,372 @@
+"""What each command does, once `cli` has parsed its arguments.
+
+Every command takes the parsed arguments and returns its exit code; a
+`ConfigError` becomes exit 2 in `cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, BinaryIO, cast
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.exceptions import RedisError
+
+from . import constants as c
+from . import logs
+from .errors import ConfigError
+from .producer import read_payloads, stream_end, wait_for_results
+from .producer import submit as submit_tasks
+from .redis_link import RedisLink, connect
+from .settings import Settings, load_settings, resolve_api_key
+
+if TYPE_CHECKING:
+    import anthropic
+    import redis.asyncio as aioredis
+
+    from .executor import Executor
+    from .intake import Intake
+    from .observe import Destination
+    from .sink import Sink
+    from .worker import Worker
+
+log = logging.getLogger("mesh_node")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_stop_noted: list[int] = []
+
+
+def note_stop(signum: int, _frame: object) -> None:
+    _stop_noted.append(signum)
+
+
+def on_stop_signals(stop: Callable[[], None]) -> None:
+    """Routes SIGTERM and SIGINT to `stop`, and calls it for one that came early."""
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop)
+    if _stop_noted:
+        stop()
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    flags = {
+        "redisUrl": getattr(args, "redis_url", None),
+        "prefix": getattr(args, "prefix", None),
+        "group": getattr(args, "group", None),
+        "nodeId": getattr(args, "node_id", None),
+        "concurrency": getattr(args, "concurrency", None),
+    }
+    return load_settings(flags, os.environ, args.config)
+
+
+def _executor(
+    settings: Settings,
+    destination: Destination,
+    redis: tuple[aioredis.Redis, RedisLink] | None = None,
+) -> tuple[Executor, anthropic.AsyncAnthropic]:
+    """The executor, with its telemetry, and a limiter shared through Redis
+    when there is one. `_close` undoes it."""
+    # The node's own modules import the SDK, which is slow to import; only the
+    # commands that call the API pay for it.
+    import anthropic
+
+    from . import telemetry
+    from .executor import Executor
+    from .observe import Observer
+    from .ratelimit import LimitBackend
+    from .ratelimit.limiter import limiter_for
+    from .ratelimit.memory import MemoryLimitBackend
+    from .ratelimit.redis_backend import RedisLimitBackend
+    from .retrying import RetryPolicy
+
+    key = resolve_api_key(os.environ).get_secret_value()
+    logs.redact(key)
+    if settings.audit_log is not None:
+        try:
+            logs.route_audit(settings.audit_log)
+        except OSError as exc:
+            raise ConfigError(
+                f"configuration error: auditLog: cannot open {settings.audit_log} "
+                f"({exc.strerror})"
+            ) from None
+    observer = Observer(
+        telemetry.from_environment(
+            os.environ,
+            node_id=settings.node_id,
+            record_content=settings.record_content,
+            trace_context=settings.trace_context,
+        ),
+        destination,
+        settings.node_id,
+    )
+    client = anthropic.AsyncAnthropic(
+        api_key=key,
+        base_url=settings.api_base_url,
+        max_retries=0,
+        open_telemetry=observer.telemetry.sdk_option(),
+    )
+    policy = RetryPolicy(
+        max_attempts=settings.retry.max_attempts, max_total_s=settings.retry.max_total_s
+    )
+    backend: LimitBackend = MemoryLimitBackend()
+    if redis is not None:
+        backend = RedisLimitBackend(redis[0], redis[1], settings.prefix, key)
+    limiter = limiter_for(settings, backend)
+    return Executor(client, settings, policy, limiter, observer), client
+
+
+def _lost(executor: Executor) -> dict[str, int]:
+    counts = executor.observer.telemetry.counts
+    return {"spans_dropped": counts.spans_dropped, "spans_failed": counts.spans_failed}
+
+
+async def _close(
+    executor: Executor | None, api: anthropic.AsyncAnthropic | None
+) -> None:
+    if api is not None:
+        await api.close()
+    if executor is not None:
+        # Blocks for at most its flush timeout; nothing else runs by now.
+        executor.observer.telemetry.shutdown()
+
+
+def _worker(
+    settings: Settings,
+    intake: Intake,
+    sink: Sink,
+    executor: Executor,
+    stopping: asyncio.Event | None = None,
+) -> Worker:
+    """The worker, with SIGTERM and SIGINT routed to its stop."""
+    from .admission import Limits
+    from .worker import Worker
+
+    worker = Worker(
+        intake,
+        sink,
+        executor,
+        Limits.from_settings(settings),
+        concurrency=settings.concurrency,
+        grace_period_s=settings.grace_period_s,
+        max_deliveries=settings.max_deliveries,
+        stopping=stopping,
+        hold=executor.limiter.budget_wait_s,
+    )
+    on_stop_signals(worker.stop)
+    return worker
+
+
+async def _run(settings: Settings, worker: Worker) -> Worker:
+    log.info(
+        "node.started",
+        extra={"node": settings.node_id, "concurrency": settings.concurrency},
+    )
+    await worker.run()
+    log.info("node.stopped", extra={"node": settings.node_id, **worker.counts})
+    return worker
+
+
+async def serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    resolve_api_key(os.environ)
+    from .heartbeat import Heartbeat
+    from .intake.redis_stream import RedisStreamIntake
+    from .observe import Destination
+    from .sink.redis_stream import RedisStreamSink
+
+    # Every task in flight may settle at once, plus the reader, the keeper
+    # and the heartbeat.
+    client = connect(settings.redis_url, max_connections=settings.concurrency + 8)
+    keys = c.Keys(settings.prefix)
+    stopping = asyncio.Event()
+    executor: Executor | None = None
+    api: anthropic.AsyncAnthropic | None = None
+    beating: asyncio.Task[None] | None = None
+    try:
+        await client.ping()
+        intake = RedisStreamIntake(
+            client,
+            keys,
+            group=settings.group,
+            consumer=settings.node_id,
+            claim_timeout_ms=settings.claim_timeout_ms,
+            stopping=stopping,
+        )
+        sink = RedisStreamSink(
+            client,
+            intake.link,
+            keys,
+            group=settings.group,
+            node_id=settings.node_id,
+            retention_s=settings.result_retention_s,
+            claim_timeout_ms=settings.claim_timeout_ms,
+        )
+        destination = Destination(keys.tasks, "redis", settings.group)
+        executor, api = _executor(settings, destination, (client, intake.link))
+        worker = _worker(settings, intake, sink, executor, stopping)
+        heartbeat = Heartbeat(
+            client,
+            keys,
+            node_id=settings.node_id,
+            group=settings.group,
+            report=lambda: {**worker.report(), **_lost(executor)},
+            stream=executor.observer.stream,
+        )
+        beating = asyncio.create_task(heartbeat.run(stopping))
+        await _run(settings, worker)
+    except RedisError as exc:
+        log.error(
+            "redis.failed",
+            extra={"url": redact_url(settings.redis_url), "error": str(exc)},
+        )
+        return EXIT_FAILURE
+    finally:
+        stopping.set()
+        if beating is not None:
+            await beating
+        await client.aclose()
+        await _close(executor, api)
+    return EXIT_OK
+
+
+async def interactive(args: argparse.Namespace) -> int:
+    from .observe import Destination
+
+    settings = _settings(args)
+    executor, api = _executor(settings, Destination("stdin"))
+    from .intake.lines import LineIntake
+    from .sink.lines import LineSink
+
+    intake = LineIntake(sys.stdin.fileno(), max_line_bytes=settings.max_task_bytes)
+    try:
+        worker = _worker(settings, intake, LineSink(sys.stdout.buffer), executor)
+        await _run(settings, worker)
+    finally:
+        await _close(executor, api)
+    return EXIT_FAILURE if worker.output_closed else EXIT_OK
+
+
+async def batch(args: argparse.Namespace) -> int:
+    from .observe import Destination
+
+    settings = _settings(args)
+    name = "stdin" if args.file == "-" else os.path.basename(args.file)
+    executor, api = _executor(settings, Destination(name))
+    from .intake.lines import LineIntake
+    from .sink.lines import LineSink
+
+    with ExitStack() as stack:
+        source = _open(stack, args.file, "rb", sys.stdin.buffer)
+        target = _open(stack, args.output, "wb", sys.stdout.buffer)
+        intake = LineIntake(
+            source.fileno(), max_line_bytes=settings.max_task_bytes, allow_array=True
+        )
+        try:
+            worker = _worker(settings, intake, LineSink(target), executor)
+            await _run(settings, worker)
+        finally:
+            await _close(executor, api)
+    if worker.output_closed:
+        return EXIT_FAILURE
+    if not intake.exhausted:
+        log.error(
+            "batch.interrupted",
+            extra={
+                "reason": "stopped before the end of "
+                "the file; later tasks have no result"
+            },
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _open(stack: ExitStack, path: str | None, mode: str, default: BinaryIO) -> BinaryIO:
+    if path is None or path == "-":
+        return default
+    try:
+        stream = cast(BinaryIO, stack.enter_context(open(path, mode)))  # noqa: SIM115
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    return stream
+
+
+async def submit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    client = connect(settings.redis_url, max_connections=4)
+    keys = c.Keys(settings.prefix)
+    with ExitStack() as stack:
+        source = _open(stack, args.file, "rb", sys.stdin.buffer)
+        try:
+            after = await stream_end(client, keys)
+            payloads = read_payloads(source.fileno(), args.file)
+            submitted = await submit_tasks(client, keys, payloads)
+            if not args.wait:
+                return EXIT_OK
+            missing = await wait_for_results(
+                client,
+                keys,
+                submitted,
+                sys.stdout.buffer,
+                after=after,
+                timeout_s=args.timeout,
+            )
+        except RedisError as exc:
+            log.error(
+                "redis.failed",
+                extra={"url": redact_url(settings.redis_url), "error": str(exc)},
+            )
+            return EXIT_FAILURE
+        finally:
+            await client.aclose()
+    if missing:
+        log.error(
+            "submit.timeout",
+            extra={
+                "missing": len(missing),
+                "first_missing": [m.task_id or m.entry_id for m in missing[:5]],
+            },
+        )
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+async def simulate(args: argparse.Namespace) -> int:
+    from .simulator import SimulatorConfig, keys_from_env, serve_forever
+
+    config = SimulatorConfig(
+        host=args.host,
+        port=args.port,
+        latency_ms=args.latency_ms,
+        latency_jitter_ms=args.latency_jitter_ms,
+        fail_rate=args.fail_rate,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        api_keys=keys_from_env(os.environ),
+    )
+    stop = asyncio.Event()
+    on_stop_signals(stop.set)
+    try:
+        await serve_forever(config, stop)
+    except OSError as exc:
+        log.error("simulator.failed", extra={"port": args.port, "error": str(exc)})
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
