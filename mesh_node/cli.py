@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -20,6 +21,8 @@ from . import commands, logs
 from . import constants as c
 from .commands import EXIT_FAILURE, EXIT_USAGE
 from .errors import ConfigError
+
+log = logging.getLogger("mesh_node")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -35,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, commands.note_stop)
     args = build_parser().parse_args(argv)
     command: Command = args.command
-    if command is commands.submit:
+    if command is commands.submit or (command is commands.status and not args.watch):
         # A producer has nothing to drain: a signal ends it as usual.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -46,6 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mesh-node: {'; '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except Exception:
+        # A fault of the node itself: logged as JSON like everything else, and
+        # through the same redaction, never as a bare traceback.
+        log.exception("node.crashed")
         return EXIT_FAILURE
 
 
@@ -77,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interactive(subparsers)
     _add_batch(subparsers)
     _add_submit(subparsers)
+    _add_status(subparsers)
     _add_simulate(subparsers)
     return parser
 
@@ -210,6 +219,35 @@ def _add_submit(subparsers: Any) -> None:
         help="with --wait, how long to wait in seconds (default 60)",
     )
     submit_cmd.set_defaults(command=commands.submit)
+
+
+def _add_status(subparsers: Any) -> None:
+    status = subparsers.add_parser(
+        "status",
+        parents=[_common(), _redis_options()],
+        help="the mesh at a glance: streams, group, nodes, last minute, limits",
+        description="Shows the task stream's length, the group's pending entries "
+        "and lag per consumer, the live nodes from their heartbeats, dead "
+        "letters, results and errors over the last minute, and the headroom "
+        "left in each rate limit and budget. Reads Redis only.",
+    )
+    status.add_argument(
+        "--group", help=f"consumer group (env MESH_GROUP; default {c.DEFAULT_GROUP})"
+    )
+    status.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (one per line with --watch)",
+    )
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_bounded(float, 0.2, 3600),
+        metavar="S",
+        help="refresh every S seconds (default 2) until interrupted",
+    )
+    status.set_defaults(command=commands.status)
 
 
 def _add_simulate(subparsers: Any) -> None:

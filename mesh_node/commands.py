@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, BinaryIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 from redis.exceptions import RedisError
 
 from . import constants as c
@@ -224,11 +226,7 @@ async def serve(args: argparse.Namespace) -> int:
         beating = asyncio.create_task(heartbeat.run(stopping))
         await _run(settings, worker)
     except RedisError as exc:
-        log.error(
-            "redis.failed",
-            extra={"url": redact_url(settings.redis_url), "error": str(exc)},
-        )
-        return EXIT_FAILURE
+        return _redis_failed(settings, exc)
     finally:
         stopping.set()
         if beating is not None:
@@ -320,11 +318,7 @@ async def submit(args: argparse.Namespace) -> int:
                 timeout_s=args.timeout,
             )
         except RedisError as exc:
-            log.error(
-                "redis.failed",
-                extra={"url": redact_url(settings.redis_url), "error": str(exc)},
-            )
-            return EXIT_FAILURE
+            return _redis_failed(settings, exc)
         finally:
             await client.aclose()
     if missing:
@@ -337,6 +331,42 @@ async def submit(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILURE
     return EXIT_OK
+
+
+async def status(args: argparse.Namespace) -> int:
+    from . import status as mesh_status
+    from .ratelimit.limiter import windows_for
+
+    settings = _settings(args)
+    client = connect(settings.redis_url, max_connections=2)
+    keys = c.Keys(settings.prefix)
+    windows = windows_for(settings)
+    stop = asyncio.Event()
+    if args.watch:
+        on_stop_signals(stop.set)
+    clear = args.watch and not args.json and sys.stdout.isatty()
+    try:
+        while True:
+            report = await mesh_status.gather(client, keys, settings.group, windows)
+            text = (
+                orjson.dumps(report).decode()
+                if args.json
+                else mesh_status.render(report)
+            )
+            # Home and clear: a watched terminal shows one report, not a scroll.
+            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+            if not args.watch:
+                return EXIT_OK
+            if not args.json and not clear:
+                print(flush=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.watch)
+            if stop.is_set():
+                return EXIT_OK
+    except RedisError as exc:
+        return _redis_failed(settings, exc)
+    finally:
+        await client.aclose()
 
 
 async def simulate(args: argparse.Namespace) -> int:
@@ -360,6 +390,14 @@ async def simulate(args: argparse.Namespace) -> int:
         log.error("simulator.failed", extra={"port": args.port, "error": str(exc)})
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _redis_failed(settings: Settings, error: RedisError) -> int:
+    log.error(
+        "redis.failed",
+        extra={"url": redact_url(settings.redis_url), "error": str(error)},
+    )
+    return EXIT_FAILURE
 
 
 def redact_url(url: str) -> str:

@@ -33,7 +33,8 @@ client left or the simulator stopped), ``"dropped"`` (client left, or the simula
 stopped, before an answer); ``billed_by_prompt`` counts the requests that got past
 injected faults and rate limits, the ones the real API would bill, by the same key
 as ``by_prompt``; ``by_prompt`` counts requests that passed validation,
-keyed by ``prompt_key`` of the last user message text.
+keyed by ``prompt_key`` of the last user message text; ``tokens_by_prompt``
+sums the ``[input, output]`` tokens of the billed answers by the same key.
 """
 
 from __future__ import annotations
@@ -209,6 +210,7 @@ class SimStats:
     by_status: Mapping[str, int]
     by_prompt: Mapping[str, int]
     billed_by_prompt: Mapping[str, int]
+    tokens_by_prompt: Mapping[str, tuple[int, int]]
 
     def as_dict(self) -> dict[str, object]:
         """Returns the snapshot as the JSON object the stats route serves."""
@@ -217,6 +219,9 @@ class SimStats:
             "by_status": dict(self.by_status),
             "by_prompt": dict(self.by_prompt),
             "billed_by_prompt": dict(self.billed_by_prompt),
+            "tokens_by_prompt": {
+                key: list(tokens) for key, tokens in self.tokens_by_prompt.items()
+            },
         }
 
 
@@ -847,6 +852,7 @@ class Simulator:
         self._by_status: collections.Counter[str] = collections.Counter()
         self._by_prompt: collections.Counter[str] = collections.Counter()
         self._billed_by_prompt: collections.Counter[str] = collections.Counter()
+        self._tokens_by_prompt: dict[str, tuple[int, int]] = {}
         self._closing = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
@@ -874,6 +880,7 @@ class Simulator:
             by_status=MappingProxyType(dict(self._by_status)),
             by_prompt=MappingProxyType(dict(self._by_prompt)),
             billed_by_prompt=MappingProxyType(dict(self._billed_by_prompt)),
+            tokens_by_prompt=MappingProxyType(dict(self._tokens_by_prompt)),
         )
 
     def queue_faults(self, faults: Iterable[FaultSpec | Mapping[str, object]]) -> int:
@@ -901,6 +908,7 @@ class Simulator:
         self._by_status.clear()
         self._by_prompt.clear()
         self._billed_by_prompt.clear()
+        self._tokens_by_prompt.clear()
         self._faults.clear()
         self._fail_counts.clear()
         self._limiter.reset()
@@ -1031,6 +1039,11 @@ class Simulator:
         reply = _make_reply(parsed, plan)
         headers = self._admit(key, parsed.input_tokens + reply.output_tokens)
         self._billed_by_prompt[task_key] += 1
+        used_in, used_out = self._tokens_by_prompt.get(task_key, (0, 0))
+        self._tokens_by_prompt[task_key] = (
+            used_in + parsed.input_tokens,
+            used_out + reply.output_tokens,
+        )
         headers["request-id"] = exchange.request_id
         message_id = _new_id("msg_sim_")
         if plan.cut:

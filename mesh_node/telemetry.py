@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,7 +33,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
@@ -40,6 +41,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -51,6 +53,17 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "mesh-node"
 # Spans waiting for export at most; past it new spans are dropped and counted.
 MAX_QUEUED_SPANS = 2048
+# The same while exports fail. A span takes about 5.6 kB until it is sent, so
+# a full queue held for a dead collector would cost a node 11 MB for spans
+# that are most likely lost anyway; when an export succeeds again, the full
+# queue is back.
+MAX_QUEUED_SPANS_FAILING = 128
+# Spans per export; the OTLP default of 512 holds more in memory per retry.
+DEFAULT_EXPORT_BATCH = 128
+# An export still running after this counts as failing: the OTLP exporter
+# retries a refused connection for up to ten seconds before it says so, and
+# the queue would fill meanwhile.
+STALLED_EXPORT_S = 0.5
 # How long shutdown may spend flushing, so that a dead collector cannot hold
 # up a node that was asked to stop.
 FLUSH_TIMEOUT_S = 5.0
@@ -298,22 +311,17 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
 
 
 def _resource(node_id: str) -> Resource:
-    # The environment (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME) wins over
-    # these defaults, except the SDK's placeholder service name.
-    defaults = Resource(
+    # What the operator set (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME) wins
+    # over the node's own defaults; the SDK's placeholders do not.
+    configured = OTELResourceDetector().detect().attributes
+    return Resource.create(
         {
             "service.name": SERVICE_NAME,
             "service.instance.id": node_id,
             "service.version": __version__,
+            **configured,
         }
     )
-    configured = Resource.create()
-    if str(configured.attributes.get("service.name", "")).startswith("unknown_service"):
-        configured = Resource(
-            {k: v for k, v in configured.attributes.items() if k != "service.name"},
-            configured.schema_url,
-        )
-    return defaults.merge(configured)
 
 
 def _tracer_provider(
@@ -337,12 +345,62 @@ def _tracer_provider(
             OTLPSpanExporter,
         )
 
-        exporter = OTLPSpanExporter()
+        exporter = OTLPSpanExporter(**_http_transport(environ, "TRACES"))
     watched = _WatchedSpanExporter(exporter, counts)
-    batch = BatchSpanProcessor(watched, max_queue_size=MAX_QUEUED_SPANS)
-    provider = TracerProvider(resource=resource)
+    batch = BatchSpanProcessor(
+        watched,
+        max_queue_size=MAX_QUEUED_SPANS,
+        max_export_batch_size=_export_batch(environ),
+    )
+    # The sampler OTEL_TRACES_SAMPLER names, which a provider reads for itself.
+    configured = TracerProvider(shutdown_on_exit=False).sampler
+    provider = TracerProvider(
+        resource=resource, sampler=_Shedding(configured, watched, counts)
+    )
     provider.add_span_processor(_BoundedSpanProcessor(batch, watched, counts))
     return provider
+
+
+def _http_transport(environ: Mapping[str, str], signal: str) -> dict[str, Any]:
+    """The OTLP/HTTP exporter's transport: urllib3 when it can be had.
+
+    The exporter's default transport imports `requests`, which loads every CA
+    certificate of `certifi` into a TLS context as it is imported: 4.5 MB of
+    resident memory on every node, collector or not. urllib3 (which `requests`
+    itself runs on) reads the same TLS settings and loads certificates only
+    for an `https` endpoint. The transport is chosen through the exporter's
+    underscored `_transport` argument; a release without it gets `{}`, the
+    default transport, and works as before at the old cost.
+    """
+    try:
+        from opentelemetry.exporter.http.transport._urllib3 import (
+            Urllib3HTTPTransport,
+        )
+    except ImportError:
+        return {}
+
+    def pick(name: str) -> str | None:
+        return environ.get(f"OTEL_EXPORTER_OTLP_{signal}_{name}") or environ.get(
+            f"OTEL_EXPORTER_OTLP_{name}"
+        )
+
+    verify: bool | str = pick("CERTIFICATE") or True
+    key, certificate = pick("CLIENT_KEY"), pick("CLIENT_CERTIFICATE")
+    cert = (certificate, key) if certificate and key else certificate
+    return {"_transport": Urllib3HTTPTransport(verify=verify, cert=cert)}
+
+
+def _export_batch(environ: Mapping[str, str]) -> int:
+    name = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+    text = environ.get(name, "").strip()
+    if not text:
+        return DEFAULT_EXPORT_BATCH
+    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUED_SPANS:
+        raise ConfigError(
+            f"configuration error: {name}: must be a whole number from 1 to "
+            f"{MAX_QUEUED_SPANS}"
+        )
+    return int(text)
 
 
 def _meter_provider(
@@ -365,7 +423,7 @@ def _meter_provider(
             OTLPMetricExporter,
         )
 
-        exporter = OTLPMetricExporter()
+        exporter = OTLPMetricExporter(**_http_transport(environ, "METRICS"))
     reader = PeriodicExportingMetricReader(_WatchedMetricExporter(exporter, counts))
     return MeterProvider(resource=resource, metric_readers=[reader])
 
@@ -383,6 +441,11 @@ class _FailureNotice:
     def __init__(self, signal: str) -> None:
         self._signal = signal
         self._failing = False
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed export until the next one succeeds."""
+        return self._failing
 
     def report(self, ok: bool, lost: int) -> None:
         if not ok and not self._failing:
@@ -405,11 +468,26 @@ class _WatchedSpanExporter(SpanExporter):
         self._notice = _FailureNotice("traces")
         self._lock = threading.Lock()
         self.queued = 0
+        self._export_started_s: float | None = None
+
+    def _bound(self) -> int:
+        started_s = self._export_started_s
+        stalled = started_s is not None and (
+            time.monotonic() - started_s > STALLED_EXPORT_S
+        )
+        if stalled or self._notice.failing:
+            return MAX_QUEUED_SPANS_FAILING
+        return MAX_QUEUED_SPANS
+
+    def full(self) -> bool:
+        """Whether the queue has no room left, for the sampler."""
+        return self.queued >= self._bound()
 
     def enqueued(self) -> bool:
         """Takes one place in the queue, or says there is none."""
+        bound = self._bound()
         with self._lock:
-            if self.queued >= MAX_QUEUED_SPANS:
+            if self.queued >= bound:
                 return False
             self.queued += 1
             return True
@@ -417,10 +495,13 @@ class _WatchedSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         with self._lock:
             self.queued = max(0, self.queued - len(spans))
+        self._export_started_s = time.monotonic()
         try:
             result = self._inner.export(spans)
         except Exception:
             result = SpanExportResult.FAILURE
+        finally:
+            self._export_started_s = None
         ok = result is SpanExportResult.SUCCESS
         if not ok:
             self._counts.add("spans_failed", len(spans))
@@ -432,6 +513,42 @@ class _WatchedSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:
         return bool(self._inner.force_flush(timeout_millis))
+
+
+class _Shedding(Sampler):
+    """Records no new span while the export queue is full.
+
+    Dropping spans only once they end would still build each one (about
+    5.6 kB of attributes and events) and churn the heap; a span that is never
+    recorded costs next to nothing, and its children are not recorded either.
+    """
+
+    def __init__(
+        self, inner: Sampler, exporter: _WatchedSpanExporter, counts: ExportCounts
+    ) -> None:
+        self._inner = inner
+        self._exporter = exporter
+        self._counts = counts
+
+    def should_sample(
+        self,
+        parent_context: Context | None,
+        trace_id: int,
+        name: str,
+        kind: SpanKind | None = None,
+        attributes: Any = None,
+        links: Sequence[Link] | None = None,
+        trace_state: Any = None,
+    ) -> SamplingResult:
+        if self._exporter.full():
+            self._counts.add("spans_dropped", 1)
+            return SamplingResult(Decision.DROP)
+        return self._inner.should_sample(
+            parent_context, trace_id, name, kind, attributes, links, trace_state
+        )
+
+    def get_description(self) -> str:
+        return f"Shedding({self._inner.get_description()})"
 
 
 class _BoundedSpanProcessor(SpanProcessor):
@@ -456,8 +573,7 @@ class _BoundedSpanProcessor(SpanProcessor):
         if not self._reported:
             self._reported = True
             log.warning(
-                "telemetry.spans_dropped",
-                extra={"reason": "export queue full", "queue": MAX_QUEUED_SPANS},
+                "telemetry.spans_dropped", extra={"reason": "export queue full"}
             )
 
     def shutdown(self) -> None:

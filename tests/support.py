@@ -42,6 +42,8 @@ SECRET_NAMES = (
     "CLAUDE_SANDBOX_MODE",
 )
 
+CONFIGURING_PREFIXES = ("OTEL_", "MESH_", "ANTHROPIC_", "CLAUDE_")
+
 # Limits small enough that the oversize cases stay small.
 TEST_CONFIG: dict[str, object] = {
     # Far above what any test sends; the limiter's own tests set their limits.
@@ -188,7 +190,12 @@ class SimulatorProcess:
 
 
 def clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in SECRET_NAMES}
+    """The test run's environment without anything that configures a node."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in SECRET_NAMES and not k.startswith(CONFIGURING_PREFIXES)
+    }
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

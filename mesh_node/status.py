@@ -1,0 +1,290 @@
+"""`mesh-node status`: an operator's first look at a mesh, read from Redis alone.
+
+Everything comes from what the nodes keep in Redis anyway: the streams and
+their consumer group, the nodes' heartbeats, the limiter's windows, and the
+results of the last minute. Times are the Redis server's, so nodes whose
+clocks disagree are judged alike.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from . import constants as c
+from .heartbeat import HEARTBEAT_STALE_MS
+from .ratelimit import SAFETY_MS, Window
+
+RECENT_MS = 60_000
+# The most results of the last minute read to count them: enough for 1,600
+# results a second, and a bound on what one look costs Redis.
+MAX_RECENT_RESULTS = 100_000
+
+
+async def gather(
+    client: aioredis.Redis, keys: c.Keys, group: str, windows: list[Window]
+) -> dict[str, Any]:
+    """Reads the mesh's state; a missing stream or group reads as empty.
+
+    Args:
+        client: the Redis client.
+        keys: the key layout.
+        group: the consumer group to report on.
+        windows: the configured limits, to show each one's headroom.
+    """
+    seconds, micros = await client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    return {
+        "at": dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z"),
+        "tasks": await _stream(client, keys.tasks, group),
+        "results": {"key": keys.results, "length": await client.xlen(keys.results)},
+        "dead": {"key": keys.dead, "length": await client.xlen(keys.dead)},
+        "nodes": await _nodes(client, keys, now_ms),
+        "last_minute": await _recent(client, keys, now_ms),
+        "limiter": await _limiter(client, keys, windows, now_ms),
+    }
+
+
+async def _stream(client: aioredis.Redis, key: str, group: str) -> dict[str, Any]:
+    report: dict[str, Any] = {"key": key, "length": await client.xlen(key)}
+    try:
+        groups = await client.xinfo_groups(key)
+    except ResponseError:
+        groups = []
+    mine = next((g for g in groups if _text(g.get("name")) == group), None)
+    if mine is None:
+        report["group"] = {"name": group, "exists": False}
+        return report
+    consumers = await client.xinfo_consumers(key, group)
+    report["group"] = {
+        "name": group,
+        "exists": True,
+        "pending": int(mine.get("pending") or 0),
+        "lag": mine.get("lag"),
+        "last_delivered": _text(mine.get("last-delivered-id")),
+        "consumers": [
+            {
+                "name": _text(consumer.get("name")),
+                "pending": int(consumer.get("pending") or 0),
+                "idle_ms": int(consumer.get("idle") or 0),
+            }
+            for consumer in consumers
+        ],
+    }
+    return report
+
+
+async def _nodes(
+    client: aioredis.Redis, keys: c.Keys, now_ms: int
+) -> list[dict[str, Any]]:
+    nodes = []
+    async for key in client.scan_iter(match=_glob(keys.node("")) + "*", count=500):
+        fields = {_text(k): _text(v) for k, v in (await client.hgetall(key)).items()}
+        if not fields:
+            continue
+        seen_ms = _int(fields.get("seen_ms"))
+        age_ms = now_ms - seen_ms if seen_ms is not None else None
+        started_ms = _int(fields.get("started_ms"))
+        nodes.append(
+            {
+                "node": fields.get("node", _text(key).removeprefix(keys.node(""))),
+                "live": age_ms is not None and age_ms <= HEARTBEAT_STALE_MS,
+                "state": fields.get("state"),
+                "in_flight": _int(fields.get("in_flight")),
+                "concurrency": _int(fields.get("concurrency")),
+                "succeeded": _int(fields.get("succeeded")),
+                "failed": _int(fields.get("failed")),
+                "crashed": _int(fields.get("crashed")),
+                "seen_s_ago": None if age_ms is None else round(age_ms / 1000, 1),
+                "up_s": None if started_ms is None else (now_ms - started_ms) // 1000,
+                "spans_dropped": _int(fields.get("spans_dropped")),
+                "version": fields.get("version"),
+                "pid": _int(fields.get("pid")),
+            }
+        )
+    return sorted(nodes, key=lambda node: str(node["node"]))
+
+
+async def _recent(client: aioredis.Redis, keys: c.Keys, now_ms: int) -> dict[str, Any]:
+    since = f"{now_ms - RECENT_MS}-0"
+    entries = await client.xrange(keys.results, since, "+", count=MAX_RECENT_RESULTS)
+    entries = entries or []
+    outcomes: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    for _entry_id, fields in entries:
+        try:
+            result = orjson.loads((fields or {}).get(c.FIELD_RESULT.encode(), b""))
+        except orjson.JSONDecodeError:
+            outcomes["unreadable"] += 1
+            continue
+        if result.get("success"):
+            outcomes["succeeded"] += 1
+        else:
+            outcomes["failed"] += 1
+            error = result.get("error") or {}
+            errors[str(error.get("type", "unknown"))] += 1
+    dead = await client.xrange(keys.dead, since, "+", count=MAX_RECENT_RESULTS) or []
+    return {
+        "results": len(entries),
+        "per_s": round(len(entries) / (RECENT_MS / 1000), 2),
+        "succeeded": outcomes["succeeded"],
+        "failed": outcomes["failed"],
+        "errors": dict(errors.most_common()),
+        "dead_letters": len(dead),
+        "capped": len(entries) >= MAX_RECENT_RESULTS,
+    }
+
+
+async def _limiter(
+    client: aioredis.Redis, keys: c.Keys, windows: list[Window], now_ms: int
+) -> dict[str, Any]:
+    base = f"{keys.prefix}limit:"
+    ids = set()
+    async for key in client.scan_iter(match=_glob(base) + "*", count=500):
+        rest = _text(key).removeprefix(base)
+        if ":" in rest:
+            ids.add(rest.split(":", 1)[0])
+    configured = [
+        {"name": w.name, "limit": w.limit, "window_s": w.window_ms / 1000}
+        for w in windows
+    ]
+    api_keys = []
+    for key_id in sorted(ids):
+        used = []
+        for window in windows:
+            members = await client.zrangebyscore(
+                f"{base}{key_id}:{window.name}",
+                now_ms - window.window_ms - SAFETY_MS,
+                "+inf",
+            )
+            total = sum(int(_text(m).rsplit("|", 1)[1]) for m in members)
+            used.append(
+                {
+                    "name": window.name,
+                    "limit": window.limit,
+                    "used": total,
+                    "headroom": max(0, window.limit - total),
+                }
+            )
+        pause = f"{base}{key_id}:pause"
+        paused_ms = max(0, int(await client.pttl(pause)))
+        reason = await client.get(pause) if paused_ms else None
+        api_keys.append(
+            {
+                "id": key_id,
+                "windows": used,
+                "paused_s": round(paused_ms / 1000, 1),
+                "pause_reason": _text(reason) if reason else None,
+            }
+        )
+    return {"limits": configured, "keys": api_keys}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as an operator reads it on a terminal."""
+    tasks, group = report["tasks"], report["tasks"]["group"]
+    lines = [f"mesh status at {report['at']}", ""]
+    lines.append(f"tasks        {tasks['key']:<24} length {tasks['length']}")
+    if group["exists"]:
+        lag = "unknown" if group["lag"] is None else group["lag"]
+        lines.append(
+            f"group        {group['name']:<24} pending {group['pending']}  "
+            f"lag {lag}  consumers {len(group['consumers'])}"
+        )
+        for consumer in group["consumers"]:
+            lines.append(
+                f"  {consumer['name']:<34} pending {consumer['pending']:<6} "
+                f"idle {consumer['idle_ms'] / 1000:.1f}s"
+            )
+    else:
+        lines.append(f"group        {group['name']:<24} not created yet")
+    recent = report["last_minute"]
+    lines.append(
+        f"results      {report['results']['key']:<24} length "
+        f"{report['results']['length']}"
+    )
+    lines.append(
+        f"dead letters {report['dead']['key']:<24} length {report['dead']['length']}"
+        f" ({recent['dead_letters']} in the last minute)"
+    )
+    lines += ["", *_render_nodes(report["nodes"]), ""]
+    errors = ", ".join(f"{name} {count}" for name, count in recent["errors"].items())
+    capped = " (capped)" if recent["capped"] else ""
+    lines.append(
+        f"last minute  {recent['results']} results{capped} ({recent['per_s']}/s): "
+        f"{recent['succeeded']} succeeded, {recent['failed']} failed"
+        + (f" ({errors})" if errors else "")
+    )
+    lines += ["", *_render_limiter(report["limiter"])]
+    return "\n".join(lines)
+
+
+def _render_nodes(nodes: list[dict[str, Any]]) -> list[str]:
+    live = sum(1 for node in nodes if node["live"])
+    lines = [f"nodes        {live} live, {len(nodes) - live} stale"]
+    if nodes:
+        lines.append(
+            f"  {'node':<28} {'state':<9} {'in flight':<10} {'succeeded':>9} "
+            f"{'failed':>7}  seen    up"
+        )
+    for node in nodes:
+        state = node["state"] if node["live"] else "stale"
+        flight = f"{node['in_flight']}/{node['concurrency']}"
+        lines.append(
+            f"  {node['node']:<28} {state:<9} {flight:<10} "
+            f"{node['succeeded'] or 0:>9} {node['failed'] or 0:>7}  "
+            f"{_ago(node['seen_s_ago']):<7} {_ago(node['up_s'])}"
+        )
+    return lines
+
+
+def _render_limiter(limiter: dict[str, Any]) -> list[str]:
+    if not limiter["keys"]:
+        limits = ", ".join(
+            f"{w['name'].replace('_', ' ')} {w['limit']}" for w in limiter["limits"]
+        )
+        return [f"limiter      no calls recorded yet; limits: {limits}"]
+    lines = []
+    for key in limiter["keys"]:
+        lines.append(f"limiter      API key #{key['id'][:8]}")
+        for window in key["windows"]:
+            lines.append(
+                f"  {window['name'].replace('_', ' '):<28} used {window['used']:>8}"
+                f" of {window['limit']:<8} headroom {window['headroom']}"
+            )
+        if key["paused_s"]:
+            lines.append(f"  paused for {key['paused_s']}s more: {key['pause_reason']}")
+    return lines
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s" if seconds >= 10 else f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"
+
+
+def _glob(text: str) -> str:
+    """`text` with the characters SCAN's MATCH treats specially escaped."""
+    return "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in text)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except ValueError:
+        return None

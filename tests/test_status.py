@@ -1,0 +1,150 @@
+"""`mesh-node status` and the heartbeats it reads, against a real serving node."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from typing import Any
+
+import redis
+
+from .support import (
+    REPO,
+    Process,
+    add_task,
+    command,
+    run_command,
+    start_command,
+    wait_for,
+)
+
+
+def status(env: dict[str, str], *args: str) -> dict[str, Any]:
+    done = run_command("status", "--json", *args, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def test_status_shows_the_stream_the_nodes_the_last_minute_and_the_limits(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    for n in range(4):
+        add_task(rdb, prefix, {"id": f"s{n}", "prompt": f"status {n}"})
+    add_task(rdb, prefix, {"id": "refused", "prompt": "[[sim:status=400]] no"})
+    add_task(rdb, prefix, {"id": "nope", "prompt": 7})
+    env = {**node_env, "MESH_NODE_ID": "status-node"}
+    node = start_command("serve", "--concurrency", "3", env=env)
+    started.append(node)
+    wait_for(lambda: rdb.xlen(f"{prefix}results") >= 6, timeout_s=30, what="results")
+
+    def node_reports_six() -> dict[str, Any] | None:
+        report = status(env)
+        nodes = report["nodes"]
+        done = nodes and (nodes[0]["succeeded"] or 0) + (nodes[0]["failed"] or 0)
+        return report if done == 6 else None
+
+    report = wait_for(node_reports_six, timeout_s=20, what="a heartbeat with 6 tasks")
+    assert report["tasks"]["key"] == f"{prefix}tasks"
+    assert report["tasks"]["length"] == 6
+    group = report["tasks"]["group"]
+    assert (group["name"], group["pending"], group["lag"]) == ("mesh-nodes", 0, 0)
+    assert [c["name"] for c in group["consumers"]] == ["status-node"]
+    (me,) = report["nodes"]
+    assert me["node"] == "status-node"
+    assert me["live"] is True
+    assert me["state"] == "running"
+    assert (me["succeeded"], me["failed"], me["concurrency"]) == (4, 2, 3)
+    assert me["pid"] == node.popen.pid
+    recent = report["last_minute"]
+    assert (recent["results"], recent["succeeded"], recent["failed"]) == (6, 4, 2)
+    assert recent["errors"] == {"invalid_request": 1, "invalid_task": 1}
+    assert report["results"]["length"] == 6
+    assert report["dead"]["length"] == 0
+    (api_key,) = report["limiter"]["keys"]
+    by_window = {w["name"]: w for w in api_key["windows"]}
+    # Five calls reached the API (the 400 included); the bad task made none.
+    assert by_window["requests_per_minute"]["used"] == 5
+    assert by_window["requests_per_minute"]["headroom"] == 100_000 - 5
+    assert api_key["paused_s"] == 0
+
+    assert node.stop() == 0
+    # A node that stopped takes its heartbeat with it.
+    assert status(env)["nodes"] == []
+
+
+def test_status_shows_why_a_key_is_paused(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    add_task(
+        rdb,
+        prefix,
+        {
+            "id": "limited",
+            "prompt": "[[sim:status=429,retry_after_s=60]] slow down",
+            "timeoutMs": 2000,
+        },
+    )
+    node = start_command("serve", env=node_env)
+    started.append(node)
+    wait_for(lambda: rdb.xlen(f"{prefix}results") >= 1, timeout_s=30, what="result")
+    (api_key,) = status(node_env)["limiter"]["keys"]
+    assert 50 < api_key["paused_s"] <= 60
+    assert api_key["pause_reason"] == "the API said 429"
+
+    text = run_command("status", env=node_env)
+    assert text.returncode == 0
+    out = text.stdout.decode()
+    assert f"tasks        {prefix}tasks" in out
+    assert "nodes        1 live, 0 stale" in out
+    assert "paused for " in out
+    assert "s more: the API said 429" in out
+    assert "rate_limited 1" in out
+    assert node.stop() == 0
+
+
+def test_status_before_anything_exists_and_without_redis(
+    node_env: dict[str, str], prefix: str
+) -> None:
+    report = status(node_env)
+    assert report["tasks"] == {
+        "key": f"{prefix}tasks",
+        "length": 0,
+        "group": {"name": "mesh-nodes", "exists": False},
+    }
+    assert report["nodes"] == []
+    assert report["limiter"]["keys"] == []
+    assert [w["name"] for w in report["limiter"]["limits"]] == [
+        "requests_per_minute",
+        "requests_per_hour",
+    ]
+
+    gone = run_command("status", env={**node_env, "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert gone.returncode == 1
+    (line,) = gone.stderr.decode().splitlines()
+    assert json.loads(line)["event"] == "redis.failed"
+
+
+def test_status_watch_repeats_until_interrupted(node_env: dict[str, str]) -> None:
+    watch = subprocess.Popen(
+        command("status", "--json", "--watch", "0.2"),
+        env=node_env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert watch.stdout is not None
+        first, second = watch.stdout.readline(), watch.stdout.readline()
+        assert json.loads(first)["at"]
+        assert json.loads(second)["at"]
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        for pipe in (watch.stdout, watch.stderr):
+            if pipe is not None:
+                pipe.close()
