@@ -185,7 +185,14 @@ class Observer:
         )
         self._in_flight.add(1, self._metric_base)
         try:
-            with trace.use_span(span, end_on_exit=True, record_exception=False):
+            # Outcomes are set by the calls below; an exception's message
+            # could carry data, so it never becomes the span's status.
+            with trace.use_span(
+                span,
+                end_on_exit=True,
+                record_exception=False,
+                set_status_on_exception=False,
+            ):
                 yield span
         finally:
             self._in_flight.add(-1, self._metric_base)

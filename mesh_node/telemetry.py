@@ -124,11 +124,6 @@ class Telemetry:
             else metrics.NoOpMeter("mesh_node")
         )
 
-    @property
-    def tracing(self) -> bool:
-        """True when spans are recorded and exported."""
-        return self._tracer_provider is not None
-
     def sdk_option(self) -> Any:
         """The `open_telemetry` option of the SDK client.
 
@@ -354,8 +349,11 @@ def _tracer_provider(
     )
     # The sampler OTEL_TRACES_SAMPLER names, which a provider reads for itself.
     configured = TracerProvider(shutdown_on_exit=False).sampler
+    # Shut down by `Telemetry.shutdown`, within its bound, not at exit.
     provider = TracerProvider(
-        resource=resource, sampler=_Shedding(configured, watched, counts)
+        resource=resource,
+        sampler=_Shedding(configured, watched, counts),
+        shutdown_on_exit=False,
     )
     provider.add_span_processor(_BoundedSpanProcessor(batch, watched, counts))
     return provider
@@ -425,7 +423,9 @@ def _meter_provider(
 
         exporter = OTLPMetricExporter(**_http_transport(environ, "METRICS"))
     reader = PeriodicExportingMetricReader(_WatchedMetricExporter(exporter, counts))
-    return MeterProvider(resource=resource, metric_readers=[reader])
+    return MeterProvider(
+        resource=resource, metric_readers=[reader], shutdown_on_exit=False
+    )
 
 
 def _quiet_exporter_logs() -> None:

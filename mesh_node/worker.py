@@ -185,7 +185,6 @@ class Worker:
 
     async def _handle(self, delivery: Delivery) -> None:
         received_s, received_ns = time.monotonic(), time.time_ns()
-        task_id: str | None = None
         try:
             admitted = self._admit(delivery)
         except Exception as exc:

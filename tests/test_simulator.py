@@ -644,9 +644,13 @@ def test_stats_count_prompts_and_reset(
     sim = start_sim(SimulatorConfig(port=0, api_keys=frozenset({KEY})))
 
     async def scenario() -> None:
+        billed: dict[str, list[int]] = {}
         async with client_for(sim) as client:
             for text in ("alpha", "alpha", "beta"):
-                await ask(client, text)
+                usage = (await ask(client, text)).usage
+                total = billed.setdefault(prompt_key(text), [0, 0])
+                total[0] += usage.input_tokens
+                total[1] += usage.output_tokens
         async with client_for(sim, api_key="sk-ant-test-other") as client:
             with pytest.raises(anthropic.AuthenticationError):
                 await ask(client, "alpha")
@@ -655,6 +659,8 @@ def test_stats_count_prompts_and_reset(
         assert dict(stats.by_status) == {"200": 3, "401": 1}
         assert dict(stats.by_prompt) == {prompt_key("alpha"): 2, prompt_key("beta"): 1}
         assert dict(stats.billed_by_prompt) == dict(stats.by_prompt)
+        # The usage the answers reported, summed; the refused call adds none.
+        assert {k: list(v) for k, v in stats.tokens_by_prompt.items()} == billed
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{sim.base_url}/_sim/stats") as resp:
                 assert await resp.json() == stats.as_dict()
@@ -665,6 +671,7 @@ def test_stats_count_prompts_and_reset(
             "by_status": {},
             "by_prompt": {},
             "billed_by_prompt": {},
+            "tokens_by_prompt": {},
         }
 
     run(loop_runner, scenario)
