@@ -38,7 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, commands.note_stop)
     args = build_parser().parse_args(argv)
     command: Command = args.command
-    if command is commands.submit or (command is commands.status and not args.watch):
+    if command in (commands.submit, commands.health) or (
+        command is commands.status and not args.watch
+    ):
         # A producer has nothing to drain: a signal ends it as usual.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -86,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(subparsers)
     _add_submit(subparsers)
     _add_status(subparsers)
+    _add_health(subparsers)
     _add_simulate(subparsers)
     return parser
 
@@ -248,6 +251,22 @@ def _add_status(subparsers: Any) -> None:
         help="refresh every S seconds (default 2) until interrupted",
     )
     status.set_defaults(command=commands.status)
+
+
+def _add_health(subparsers: Any) -> None:
+    health = subparsers.add_parser(
+        "health",
+        parents=[_common(), _redis_options()],
+        help="exit 0 when this node's heartbeat is fresh (container HEALTHCHECK)",
+        description="Checks the heartbeat a serving node keeps in Redis: exit 0 "
+        "when it is fresh, 1 with one line saying why when it is stale, missing "
+        "or Redis cannot be reached. Without --node-id, the node is the one "
+        "whose heartbeat names this host.",
+    )
+    health.add_argument(
+        "--node-id", help="the node to check (env MESH_NODE_ID; default: this host's)"
+    )
+    health.set_defaults(command=commands.health)
 
 
 def _add_simulate(subparsers: Any) -> None:

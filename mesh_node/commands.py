@@ -26,7 +26,7 @@ from . import logs
 from .errors import ConfigError
 from .producer import read_payloads, stream_end, wait_for_results
 from .producer import submit as submit_tasks
-from .redis_link import RedisLink, connect
+from .redis_link import RedisLink, connect, connect_once
 from .settings import Settings, load_settings, resolve_api_key
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh_node")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+HEALTH_TIMEOUT_S = 3.0
 
 _stop_noted: list[int] = []
 
@@ -367,6 +368,34 @@ async def status(args: argparse.Namespace) -> int:
         return _redis_failed(settings, exc)
     finally:
         await client.aclose()
+
+
+async def health(args: argparse.Namespace) -> int:
+    import socket
+
+    from . import status as mesh_status
+
+    settings = _settings(args)
+    node_id = args.node_id or os.environ.get("MESH_NODE_ID") or None
+    # A health check must answer within the container's HEALTHCHECK timeout,
+    # however Redis is doing.
+    client = connect_once(settings.redis_url, timeout_s=HEALTH_TIMEOUT_S)
+    try:
+        healthy, line = await mesh_status.health(
+            client, c.Keys(settings.prefix), node_id=node_id, host=socket.gethostname()
+        )
+    except (RedisError, OSError) as exc:
+        healthy, line = (
+            False,
+            (
+                f"unhealthy: cannot reach Redis at {redact_url(settings.redis_url)} "
+                f"({type(exc).__name__}: {exc})"
+            ),
+        )
+    finally:
+        await client.aclose()
+    print(line, flush=True)
+    return EXIT_OK if healthy else EXIT_FAILURE
 
 
 async def simulate(args: argparse.Namespace) -> int:

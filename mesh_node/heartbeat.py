@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -78,6 +79,9 @@ class Heartbeat:
         self._static = {
             "node": node_id,
             "group": group,
+            # `health`, run beside the node (a container's HEALTHCHECK), finds
+            # its node by host when it is not told the node id.
+            "host": socket.gethostname(),
             "pid": os.getpid(),
             "version": __version__,
         }

@@ -53,6 +53,16 @@ def connect(url: str, *, max_connections: int) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+def connect_once(url: str, *, timeout_s: float) -> aioredis.Redis:
+    """A one-shot client whose every wait ends after `timeout_s`."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+    )
+
+
 def is_outage(error: BaseException) -> bool:
     """Tells whether an error means Redis is unreachable or not ready yet."""
     return isinstance(error, RedisConnectionError | RedisTimeoutError | OSError) or (

@@ -95,6 +95,7 @@ async def _nodes(
         nodes.append(
             {
                 "node": fields.get("node", _text(key).removeprefix(keys.node(""))),
+                "host": fields.get("host"),
                 "live": age_ms is not None and age_ms <= HEARTBEAT_STALE_MS,
                 "state": fields.get("state"),
                 "in_flight": _int(fields.get("in_flight")),
@@ -185,6 +186,41 @@ async def _limiter(
             }
         )
     return {"limits": configured, "keys": api_keys}
+
+
+async def health(
+    client: aioredis.Redis, keys: c.Keys, *, node_id: str | None, host: str
+) -> tuple[bool, str]:
+    """Whether a serving node is healthy, and one line saying why or why not.
+
+    The node is `node_id`, or else the freshest one whose heartbeat names
+    `host`. Healthy means its heartbeat is fresh: it reached Redis within
+    the last three beats.
+    """
+    seconds, micros = await client.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    nodes = await _nodes(client, keys, now_ms)
+    if node_id is not None:
+        mine = [node for node in nodes if node["node"] == node_id]
+        whose = f"node {node_id}"
+    else:
+        mine = [node for node in nodes if node.get("host") == host]
+        whose = f"a node on host {host}"
+    if not mine:
+        return False, f"unhealthy: no heartbeat from {whose} in Redis"
+    node = min(
+        mine, key=lambda n: n["seen_s_ago"] if n["seen_s_ago"] is not None else 1e9
+    )
+    age = node["seen_s_ago"]
+    if not node["live"]:
+        return False, (
+            f"unhealthy: node {node['node']} last beat {age}s ago, more than "
+            f"{HEARTBEAT_STALE_MS / 1000:g}s"
+        )
+    return True, (
+        f"healthy: node {node['node']} beat {age}s ago, {node['state']}, "
+        f"{node['in_flight']}/{node['concurrency']} in flight"
+    )
 
 
 def render(report: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 from typing import Any
@@ -148,3 +149,48 @@ def test_status_watch_repeats_until_interrupted(node_env: dict[str, str]) -> Non
         for pipe in (watch.stdout, watch.stderr):
             if pipe is not None:
                 pipe.close()
+
+
+def test_health_follows_the_heartbeat(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    env = {**node_env, "MESH_NODE_ID": "healthy-node"}
+    node = start_command("serve", env=env)
+    started.append(node)
+    wait_for(
+        lambda: rdb.exists(f"{prefix}node:healthy-node"), timeout_s=20, what="beat"
+    )
+
+    by_id = run_command("health", env=env)
+    assert by_id.returncode == 0, by_id.stdout
+    assert by_id.stdout.decode().startswith("healthy: node healthy-node beat ")
+    # Without an id, the node whose heartbeat names this host.
+    by_host = run_command("health", env=node_env)
+    assert by_host.returncode == 0, by_host.stdout
+    assert "node healthy-node" in by_host.stdout.decode()
+
+    assert node.stop() == 0
+    gone = run_command("health", env=env)
+    assert gone.returncode == 1
+    assert gone.stdout.decode() == (
+        "unhealthy: no heartbeat from node healthy-node in Redis\n"
+    )
+
+    # A node that stopped beating without removing its heartbeat (killed).
+    seconds, _micros = rdb.time()
+    rdb.hset(
+        f"{prefix}node:frozen",
+        mapping={"node": "frozen", "seen_ms": (seconds - 60) * 1000},
+    )
+    stale = run_command("health", "--node-id", "frozen", env=node_env)
+    assert stale.returncode == 1
+    assert re.fullmatch(
+        r"unhealthy: node frozen last beat 6\d\.\ds ago, more than 15s\n",
+        stale.stdout.decode(),
+    )
+
+    down = run_command("health", env={**node_env, "REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert down.returncode == 1
+    assert down.stdout.decode().startswith(
+        "unhealthy: cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"
+    )
