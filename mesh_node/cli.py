@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, commands.note_stop)
     args = build_parser().parse_args(argv)
     command: Command = args.command
-    if command in (commands.submit, commands.health) or (
+    if command in (commands.submit, commands.health, commands.audit) or (
         command is commands.status and not args.watch
     ):
         # A producer has nothing to drain: a signal ends it as usual.
@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_submit(subparsers)
     _add_status(subparsers)
     _add_health(subparsers)
+    _add_audit(subparsers)
     _add_simulate(subparsers)
     return parser
 
@@ -267,6 +268,22 @@ def _add_health(subparsers: Any) -> None:
         "--node-id", help="the node to check (env MESH_NODE_ID; default: this host's)"
     )
     health.set_defaults(command=commands.health)
+
+
+def _add_audit(subparsers: Any) -> None:
+    audit = subparsers.add_parser(
+        "audit",
+        parents=[_common()],
+        help="check the security posture from inside the running environment",
+        description="Checks, from inside, what the sandbox promises: not root, "
+        "no-new-privileges, no capabilities, seccomp, a read-only root, a "
+        "size-limited tmpfs workspace, memory, CPU and pids limits, the API key "
+        "from a file and nowhere else, the configuration, and egress only "
+        "through the proxy to the allowed hosts. Prints a table; exit 1 when a "
+        "required check fails.",
+    )
+    audit.add_argument("--json", action="store_true", help="print one JSON object")
+    audit.set_defaults(command=commands.audit)
 
 
 def _add_simulate(subparsers: Any) -> None:

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 
 from . import constants as c
 from . import logs
+from .egress import EgressProxy
 from .errors import ConfigError
 from .producer import read_payloads, stream_end, wait_for_results
 from .producer import submit as submit_tasks
@@ -111,11 +112,14 @@ def _executor(
         destination,
         settings.node_id,
     )
+    egress = _egress(settings)
+    http_client = egress.http_client() if egress is not None else None
     client = anthropic.AsyncAnthropic(
         api_key=key,
         base_url=settings.api_base_url,
         max_retries=0,
         open_telemetry=observer.telemetry.sdk_option(),
+        http_client=http_client,
     )
     policy = RetryPolicy(
         max_attempts=settings.retry.max_attempts, max_total_s=settings.retry.max_total_s
@@ -181,6 +185,8 @@ async def _run(settings: Settings, worker: Worker) -> Worker:
 async def serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     resolve_api_key(os.environ)
+    if not await _audit_on_start(settings):
+        return EXIT_FAILURE
     from .heartbeat import Heartbeat
     from .intake.redis_stream import RedisStreamIntake
     from .observe import Destination
@@ -396,6 +402,53 @@ async def health(args: argparse.Namespace) -> int:
         await client.aclose()
     print(line, flush=True)
     return EXIT_OK if healthy else EXIT_FAILURE
+
+
+async def audit(args: argparse.Namespace) -> int:
+    from .audit import Check, Status, run_audit
+
+    try:
+        settings = _settings(args)
+        configuration = Check("configuration", Status.PASS, True, "valid")
+    except ConfigError as exc:
+        # The other checks still say what they find, under the defaults.
+        settings = Settings()
+        found = "; ".join(str(exc).splitlines())
+        configuration = Check("configuration", Status.FAIL, True, found)
+    report = await asyncio.to_thread(run_audit, settings, egress=_egress(settings))
+    report.checks.insert(0, configuration)
+    print(
+        orjson.dumps(report.as_dict()).decode() if args.json else report.render(),
+        flush=True,
+    )
+    return EXIT_OK if report.passed else EXIT_FAILURE
+
+
+def _egress(settings: Settings) -> EgressProxy | None:
+    if settings.egress_proxy is None:
+        return None
+    return EgressProxy.parse(settings.egress_proxy)
+
+
+async def _audit_on_start(settings: Settings) -> bool:
+    """Runs the audit before serving when told to; False to refuse to start."""
+    if settings.audit_on_start == "off":
+        return True
+    from .audit import Status, run_audit
+
+    report = await asyncio.to_thread(run_audit, settings, egress=_egress(settings))
+    failed = [c for c in report.checks if c.status is Status.FAIL]
+    if not failed:
+        log.info("audit.passed", extra={"checks": len(report.checks)})
+        return True
+    log.error(
+        "audit.failed",
+        extra={
+            "refusing_to_start": settings.audit_on_start == "enforce",
+            "failed": {c.name: c.found for c in failed},
+        },
+    )
+    return settings.audit_on_start != "enforce"
 
 
 async def simulate(args: argparse.Namespace) -> int:

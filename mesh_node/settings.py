@@ -143,6 +143,15 @@ class Settings(BaseModel):
     record_content: bool = Field(False, alias="recordContent")
     audit_log: str | None = Field(None, alias="auditLog", min_length=1)
 
+    # The sandbox (`mesh-node audit`, docs/security.md).
+    egress_proxy: str | None = Field(None, alias="egressProxy", min_length=1)
+    audit_on_start: Literal["off", "warn", "enforce"] = Field(
+        "off", alias="auditOnStart"
+    )
+    max_response_bytes: int = Field(
+        c.DEFAULT_MAX_RESPONSE_BYTES, alias="maxResponseBytes", ge=1
+    )
+
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str) -> str:
@@ -176,6 +185,8 @@ ENVIRONMENT = {
     "MESH_TRACE_CONTEXT": "traceContext",
     "MESH_RECORD_CONTENT": "recordContent",
     "MESH_AUDIT_LOG": "auditLog",
+    "MESH_EGRESS_PROXY": "egressProxy",
+    "MESH_AUDIT_ON_START": "auditOnStart",
     "CLAUDE_SANDBOX_MODE": "sandboxMode",
     "CLAUDE_NETWORK_RESTRICTED": "networkRestricted",
     "CLAUDE_FILESYSTEM_READONLY": "readOnlyMode",
