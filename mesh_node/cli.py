@@ -335,4 +335,10 @@ def _add_simulate(subparsers: Any) -> None:
         default=None,
         help="tokens per minute per key before 429 (default unlimited)",
     )
+    sim.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (with --tls-key)",
+    )
+    sim.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     sim.set_defaults(command=commands.simulate)

@@ -454,16 +454,21 @@ async def _audit_on_start(settings: Settings) -> bool:
 async def simulate(args: argparse.Namespace) -> int:
     from .simulator import SimulatorConfig, keys_from_env, serve_forever
 
-    config = SimulatorConfig(
-        host=args.host,
-        port=args.port,
-        latency_ms=args.latency_ms,
-        latency_jitter_ms=args.latency_jitter_ms,
-        fail_rate=args.fail_rate,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        api_keys=keys_from_env(os.environ),
-    )
+    try:
+        config = SimulatorConfig(
+            host=args.host,
+            port=args.port,
+            latency_ms=args.latency_ms,
+            latency_jitter_ms=args.latency_jitter_ms,
+            fail_rate=args.fail_rate,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            api_keys=keys_from_env(os.environ),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"simulate-api: {exc}") from None
     stop = asyncio.Event()
     on_stop_signals(stop.set)
     try:

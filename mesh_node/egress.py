@@ -116,16 +116,59 @@ class EgressProxy:
         if self.socket_path is None:
             return httpx2.AsyncHTTPTransport(proxy=str(self), **limits)
         transport = httpx2.AsyncHTTPTransport(**limits)
-        # httpx takes a proxy URL or a unix socket but not both; its proxy
-        # pool underneath does. The host in the URL only names the proxy in
-        # requests: the socket is what is dialled.
+        # httpx takes a proxy URL or a unix socket, not both, and its proxy
+        # pool dials the proxy by TCP. A network backend that turns the dial
+        # of the proxy's placeholder address into the socket, and refuses any
+        # other, keeps the pool's CONNECT tunnels and TLS as they are.
         transport._pool = httpcore2.AsyncHTTPProxy(
-            proxy_url="http://egress-proxy/",
+            proxy_url=f"http://{_PLACEHOLDER[0]}:{_PLACEHOLDER[1]}/",
             ssl_context=httpx2.create_ssl_context(),
-            uds=self.socket_path,
+            network_backend=_unix_socket_backend(self.socket_path),
             **_pool_limits(limits),
         )
         return transport
+
+
+# The proxy's address as the pool knows it; only the socket is ever dialled.
+_PLACEHOLDER = ("egress-proxy.invalid", 3128)
+
+
+def _unix_socket_backend(path: str) -> Any:
+    import httpcore2
+
+    class UnixSocketProxyBackend(httpcore2.AsyncNetworkBackend):
+        """Dials the proxy's socket for its placeholder; nothing else."""
+
+        def __init__(self) -> None:
+            self._inner = httpcore2.AnyIOBackend()
+
+        async def connect_tcp(
+            self,
+            host: str,
+            port: int,
+            timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
+            local_address: str | None = None,
+            socket_options: Any = None,
+        ) -> Any:
+            if (host, port) != _PLACEHOLDER:
+                raise httpcore2.ConnectError(
+                    f"no direct connection to {host}:{port}: the egress proxy is "
+                    "the only way out"
+                )
+            return await self._inner.connect_unix_socket(path, timeout=timeout)
+
+        async def connect_unix_socket(
+            self,
+            path: str,
+            timeout: float | None = None,  # noqa: ASYNC109 - httpcore's signature
+            socket_options: Any = None,
+        ) -> Any:
+            raise httpcore2.ConnectError("no unix socket but the egress proxy's")
+
+        async def sleep(self, seconds: float) -> None:
+            await self._inner.sleep(seconds)
+
+    return UnixSocketProxyBackend()
 
 
 def _pool_limits(limits: dict[str, Any]) -> dict[str, Any]:

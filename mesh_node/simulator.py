@@ -48,6 +48,7 @@ import math
 import random
 import re
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -117,6 +118,9 @@ class SimulatorConfig:
         rpm: Requests per minute per API key; None is unlimited.
         tpm: Input plus output tokens per minute per API key; None is unlimited.
         api_keys: Accepted keys; None accepts any non-empty key.
+        tls_cert: A PEM certificate chain; with ``tls_key``, serves HTTPS, so
+            that it can stand in for the API behind a TLS-only egress proxy.
+        tls_key: The certificate's PEM private key.
     """
 
     host: str = "127.0.0.1"
@@ -127,6 +131,8 @@ class SimulatorConfig:
     rpm: int | None = None
     tpm: int | None = None
     api_keys: frozenset[str] | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
 
     def __post_init__(self) -> None:
         """Rejects values the simulator cannot honour.
@@ -144,6 +150,8 @@ class SimulatorConfig:
             raise ValueError("rpm and tpm must be >= 1 or None")
         if self.api_keys is not None and not all(self.api_keys):
             raise ValueError("api_keys must not contain empty keys")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
 
 
 @dataclass(frozen=True, slots=True)
@@ -931,7 +939,9 @@ class Simulator:
             shutdown_timeout=1.0,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self.config.host, self.config.port)
+        site = web.TCPSite(
+            runner, self.config.host, self.config.port, ssl_context=self._tls()
+        )
         try:
             await site.start()
         except BaseException:
@@ -941,6 +951,13 @@ class Simulator:
         log.debug(
             "simulator.started", extra={"host": self.config.host, "port": site.port}
         )
+
+    def _tls(self) -> ssl.SSLContext | None:
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
 
     async def stop(self) -> None:
         """Stops serving; pending hangs and delays end at once. Idempotent."""
