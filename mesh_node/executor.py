@@ -100,20 +100,37 @@ class Executor:
                 attempts=tries.count,
                 received_s=received_s,
             )
-        if not any(b.type == "text" and b.text for b in message.content):
-            empty = TaskError(
-                f"the API returned an empty answer (stop reason {message.stop_reason})",
-                ErrorType.API_ERROR,
-            )
+        text = "".join(block.text for block in message.content if block.type == "text")
+        problem = self._answer_problem(text) or (
+            None
+            if text
+            else f"the API returned an empty answer (stop reason {message.stop_reason})"
+        )
+        if problem is not None:
             return self.failure(
                 task.id,
-                empty,
+                TaskError(problem, ErrorType.API_ERROR),
                 source=source,
                 model=model,
                 attempts=tries.count,
                 received_s=received_s,
             )
-        return self._success(task, message, source, tries.count, received_s)
+        return self._success(task, message, text, source, tries.count, received_s)
+
+    def _answer_problem(self, text: str) -> str | None:
+        """Why an answer may not be published: not UTF-8, or over the size cap.
+
+        Either is refused rather than repaired or cut: the answer was paid
+        for, and a result that differs from it silently would be worse.
+        """
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            return f"the answer is not valid UTF-8 (at character {exc.start})"
+        limit = self._settings.max_response_bytes
+        if size > limit:
+            return f"the answer is {size} bytes, more than maxResponseBytes ({limit})"
+        return None
 
     async def _within_deadline(
         self, task: Task, model: str, received_s: float, tries: _Tries
@@ -154,6 +171,10 @@ class Executor:
     ) -> TaskResult:
         """Builds the failed result of a task, for the executor and the worker."""
         partial = error.partial if isinstance(error, PartialAnswerError) else None
+        if partial is not None and self._answer_problem(partial) is not None:
+            # What arrived of a cut-off answer goes out only if it passes the
+            # checks a whole answer must.
+            partial = None
         return TaskResult(
             taskId=task_id,
             success=False,
@@ -304,11 +325,11 @@ class Executor:
         self,
         task: Task,
         message: Message,
+        text: str,
         source: str,
         attempts: int,
         received_s: float,
     ) -> TaskResult:
-        text = "".join(block.text for block in message.content if block.type == "text")
         return TaskResult(
             taskId=task.id,
             success=True,

@@ -21,7 +21,9 @@ Each ``POST /v1/messages`` request goes through these steps, in order:
 Directives sit anywhere in the text of the last user message, as one or more
 ``[[sim:item,item,...]]`` groups, each item ``name=value`` or a bare flag:
 ``status=<200|400-599>``, ``latency_ms=<int>``, ``retry_after_s=<float>``,
-``fail_times=<int>``, ``cut``, ``hang``, ``empty``, ``max_tokens``. An unknown name
+``fail_times=<int>``, ``cut``, ``hang``, ``empty``, ``max_tokens``,
+``surrogate`` (a lone UTF-16 surrogate in the answer's text, which no UTF-8
+can carry: a broken answer for the node's response checks). An unknown name
 or a bad value is a 400. ``fail_times=N`` applies the plan's faults (``status``,
 default 529, or ``cut``/``hang``) to the first N requests with that exact text and
 lets later ones succeed.
@@ -95,7 +97,7 @@ _DEFAULT_FAIL_STATUS = 529
 _MAX_BODY_BYTES = 32 * 1024 * 1024
 _DIRECTIVE_RE = re.compile(r"\[\[sim:([^\]]*)\]\]")
 _VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
-_FLAG_FIELDS = frozenset({"cut", "hang", "empty", "max_tokens"})
+_FLAG_FIELDS = frozenset({"cut", "hang", "empty", "max_tokens", "surrogate"})
 _FAULT_MESSAGES: Mapping[int, str] = MappingProxyType(
     {
         429: "Number of requests has exceeded your rate limit (simulated)",
@@ -167,6 +169,7 @@ class FaultSpec:
         hang: Never answer; wait until the client leaves or the simulator stops.
         empty: Succeed with an empty content list.
         max_tokens: Succeed with stop_reason ``max_tokens``.
+        surrogate: Succeed with a lone surrogate (``\\ud800``) in the text.
     """
 
     status: int | None = None
@@ -177,13 +180,15 @@ class FaultSpec:
     hang: bool = False
     empty: bool = False
     max_tokens: bool = False
+    surrogate: bool = False
 
     @classmethod
     def from_mapping(cls, entry: Mapping[str, object]) -> FaultSpec:
         """Builds a scripted fault from its JSON form.
 
         The form is ``{"status": 529, "retry_after_s": 1, "latency_ms": 0,
-        "kind": "cut" | "hang" | "empty" | "max_tokens"}``, every key optional.
+        "kind": "cut" | "hang" | "empty" | "max_tokens" | "surrogate"}``, every
+        key optional.
 
         Args:
             entry: The JSON object of one fault.
@@ -337,7 +342,9 @@ def _status_value(value: object) -> int:
 def _kind_value(value: object) -> str:
     """Reads the ``kind`` of a scripted fault."""
     if not isinstance(value, str) or value not in _FLAG_FIELDS:
-        raise ValueError("kind: expected one of cut, hang, empty, max_tokens")
+        raise ValueError(
+            "kind: expected one of cut, hang, empty, max_tokens, surrogate"
+        )
     return value
 
 
@@ -635,7 +642,7 @@ def _make_reply(parsed: _Parsed, plan: FaultSpec) -> _Reply:
     if plan.empty:
         return _Reply(text=None, output_tokens=0, stop_reason=stop_reason)
     echo = _DIRECTIVE_RE.sub("", parsed.prompt_text).strip()[:_ECHO_CHARS]
-    text = _REPLY_PREFIX + echo
+    text = _REPLY_PREFIX + echo + ("\ud800" if plan.surrogate else "")
     limit_chars = parsed.max_tokens * _CHARS_PER_TOKEN
     if len(text) > limit_chars:
         return _Reply(text[:limit_chars], parsed.max_tokens, "max_tokens")

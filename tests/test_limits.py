@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 from typing import Any
@@ -223,3 +224,34 @@ def test_long_retry_after_hands_the_task_back_when_so_configured(
     assert rdb.xlen(f"{prefix}results") == 0
     summary: Any = rdb.xpending(f"{prefix}tasks", "mesh-nodes")
     assert summary["pending"] == 1
+
+
+def test_answers_are_checked_before_they_are_published(
+    node_env: dict[str, str],
+) -> None:
+    """An answer that is not UTF-8, or too big, fails `api_error`, never retried."""
+    env = with_config(node_env, maxResponseBytes=40)
+    results = _interactive(
+        env,
+        {"id": "broken", "prompt": "[[sim:surrogate]] hi"},
+        {"id": "big", "prompt": "a" * 100},
+        {"id": "fits", "prompt": "ok"},
+    )
+    big, broken, fits = sorted(results, key=lambda r: str(r["taskId"]))
+    assert broken["success"] is False
+    assert broken["error"] == {
+        "type": "api_error",
+        # "Simulated reply to: hi" is 22 characters; the surrogate follows.
+        "message": "the answer is not valid UTF-8 (at character 22)",
+        "retryable": False,
+    }
+    assert broken["response"] is None
+    assert broken["metadata"]["attempts"] == 1
+    too_big = re.fullmatch(
+        r"the answer is (\d+) bytes, more than maxResponseBytes \(40\)",
+        big["error"]["message"],
+    )
+    assert too_big is not None
+    assert int(too_big[1]) > 40
+    assert big["response"] is None
+    assert fits["success"] is True
