@@ -85,6 +85,7 @@ def _executor(
 
     from . import telemetry
     from .executor import Executor
+    from .keys import RotatingKey
     from .observe import Observer
     from .ratelimit import LimitBackend
     from .ratelimit.limiter import limiter_for
@@ -92,7 +93,8 @@ def _executor(
     from .ratelimit.redis_backend import RedisLimitBackend
     from .retrying import RetryPolicy
 
-    key = resolve_api_key(os.environ).get_secret_value()
+    rotating = RotatingKey(os.environ)
+    key = rotating.value
     logs.redact(key)
     if settings.audit_log is not None:
         try:
@@ -128,7 +130,7 @@ def _executor(
     if redis is not None:
         backend = RedisLimitBackend(redis[0], redis[1], settings.prefix, key)
     limiter = limiter_for(settings, backend)
-    return Executor(client, settings, policy, limiter, observer), client
+    return Executor(client, settings, policy, limiter, observer, rotating), client
 
 
 def _lost(executor: Executor) -> dict[str, int]:

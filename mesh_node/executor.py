@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -19,6 +20,7 @@ import anthropic
 from anthropic import Omit, omit
 from anthropic.types import Message, MessageParam, MetadataParam
 
+from . import logs
 from .errors import (
     ApiCallError,
     DeadlineExceededError,
@@ -28,12 +30,15 @@ from .errors import (
     TaskError,
     api_call_error,
 )
+from .keys import RotatingKey
 from .observe import ApiCall, Observer
 from .ratelimit.limiter import DEFAULT_PAUSE_S, Call, Limiter
 from .retrying import RetryPolicy
 from .settings import Settings
 from .tasks import ResultError, ResultMetadata, Task, TaskResult, Usage, utc_timestamp
 from .telemetry import current_traceparent
+
+log = logging.getLogger(__name__)
 
 # Above this `max_tokens` an answer may take longer than the ten minutes a
 # non-streaming call is given (the SDK's rule: an hour per 128,000 tokens), so
@@ -50,6 +55,7 @@ class Executor:
         policy: the retry policy.
         limiter: the rate limits and budgets of the API key.
         observer: told of limiter waits, retries and every API call.
+        key: the API key the client was built with, when it may rotate.
     """
 
     def __init__(
@@ -59,8 +65,10 @@ class Executor:
         policy: RetryPolicy,
         limiter: Limiter,
         observer: Observer | None = None,
+        key: RotatingKey | None = None,
     ) -> None:
         self._client = client
+        self._key = key
         self._settings = settings
         self._policy = policy
         self.limiter = limiter
@@ -202,6 +210,7 @@ class Executor:
         self, task: Task, model: str, deadline_s: float, tries: _Tries
     ) -> Message:
         """One API call inside the limiter: reserve, call, settle what was used."""
+        self._rotate_key()
         call = tries.call
         reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
         if reservation.waited_s > 0.001:
@@ -257,6 +266,17 @@ class Executor:
         )
         await self.limiter.observe(headers)
         return message
+
+    def _rotate_key(self) -> None:
+        """Takes up a key rotated in its file; calls under way keep the old one."""
+        key = self._key.changed() if self._key is not None else None
+        if key is None:
+            return
+        logs.redact(key)
+        # A copy shares the connection pool; only the key differs.
+        self._client = self._client.with_options(api_key=key)
+        self.limiter.rekey(key)
+        log.warning("api_key.rotated", extra={"limits": "now counted for the new key"})
 
     async def _after_refusal(self, error: ApiCallError) -> None:
         """A 429 pauses the whole key: every process using it waits it out."""

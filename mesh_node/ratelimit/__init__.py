@@ -102,3 +102,7 @@ class LimitBackend(Protocol):
     async def paused(self) -> tuple[int, str | None]:
         """How long the key stays paused, in ms, and why."""
         ...
+
+    def rekey(self, api_key: str) -> None:
+        """Keeps the windows of another API key from now on."""
+        ...

@@ -153,6 +153,10 @@ class Limiter:
                 self._windows, reservation.token, reservation.costs, actual
             )
 
+    def rekey(self, api_key: str) -> None:
+        """Counts from now on against the windows of a new API key."""
+        self._backend.rekey(api_key)
+
     async def pause(self, seconds: float, reason: str) -> None:
         """Stops every call on the key for a while (all processes on a Redis)."""
         await self._backend.pause(math.ceil(seconds * 1000), reason)

@@ -24,6 +24,12 @@ class MemoryLimitBackend:
     _paused_until_ms: int = 0
     _pause_reason: str | None = None
 
+    def rekey(self, api_key: str) -> None:
+        """Starts empty windows: a new key has limits of its own."""
+        self._windows.clear()
+        self._paused_until_ms = 0
+        self._pause_reason = None
+
     async def acquire(
         self, windows: list[Window], costs: list[int], token: str, *, dry_run: bool
     ) -> Verdict:

@@ -104,6 +104,7 @@ class RedisLimitBackend:
     ) -> None:
         self._client = client
         self._link = link
+        self._prefix = prefix
         self._base = f"{prefix}limit:{key_id(api_key)}"
         self._acquire = client.register_script(_ACQUIRE)
         self._settle = client.register_script(_SETTLE)
@@ -153,6 +154,10 @@ class RedisLimitBackend:
         if int(left_ms) <= 0:
             return 0, None
         return int(left_ms), reason.decode() if reason else None
+
+    def rekey(self, api_key: str) -> None:
+        """Keeps the windows of another API key from now on."""
+        self._base = f"{self._prefix}limit:{key_id(api_key)}"
 
     def _keys(self, windows: list[Window]) -> list[str]:
         return [f"{self._base}:{window.name}" for window in windows]
