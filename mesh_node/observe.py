@@ -172,6 +172,15 @@ class Observer:
         start_time_ns: int,
     ) -> Iterator[trace.Span]:
         """The `process` span of one task, current while the task runs."""
+        if not self.telemetry.tracing:
+            # Off means no span and no trace context at all: a producer's
+            # `traceparent` would otherwise come back as this task's.
+            self._in_flight.add(1, self._metric_base)
+            try:
+                yield trace.INVALID_SPAN
+            finally:
+                self._in_flight.add(-1, self._metric_base)
+            return
         attributes: dict[str, Any] = {**self._base, "mesh.task.source": source}
         if entry_id is not None:
             attributes["messaging.message.id"] = entry_id

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .constants import TASK_ID_PATTERN
 from .errors import ErrorType
 
-# W3C Trace Context, version 00: https://www.w3.org/TR/trace-context/#traceparent-header
-TRACEPARENT_PATTERN = r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+# Longer than any traceparent of a known version, short enough to bound a log.
+MAX_TRACEPARENT_CHARS = 512
 
 _STRICT = ConfigDict(strict=True, extra="forbid", frozen=True)
 
@@ -81,8 +81,17 @@ class Task(BaseModel):
     stop_sequences: list[str] | None = Field(default=None, max_length=16)
     metadata: TaskMetadata | None = None
     timeoutMs: int | None = Field(default=None, gt=0)  # noqa: N815 (wire name)
-    traceparent: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
+    traceparent: str | None = None
     expiresAt: dt.datetime | None = Field(default=None, strict=False)  # noqa: N815
+
+    @field_validator("traceparent", mode="before")
+    @classmethod
+    def _trace_context_never_fails_a_task(cls, value: object) -> object:
+        # W3C Trace Context: a traceparent that cannot be parsed is ignored,
+        # not an error; the propagator judges it, as for the stream field.
+        if isinstance(value, str) and len(value) <= MAX_TRACEPARENT_CHARS:
+            return value
+        return None
 
     @model_validator(mode="after")
     def _one_of_prompt_or_messages(self) -> Task:

@@ -16,6 +16,7 @@ recovery, instead of once per batch as the exporters would.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -65,8 +66,10 @@ DEFAULT_EXPORT_BATCH = 128
 # the queue would fill meanwhile.
 STALLED_EXPORT_S = 0.5
 # How long shutdown may spend flushing, so that a dead collector cannot hold
-# up a node that was asked to stop.
+# up a node that was asked to stop; once an export fails or hangs, the spans
+# are lost anyway and the node waits only a moment more.
 FLUSH_TIMEOUT_S = 5.0
+FLUSH_TIMEOUT_FAILING_S = 0.5
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -110,6 +113,7 @@ class Telemetry:
     ) -> None:
         self._tracer_provider = tracer_provider
         self._meter_provider = meter_provider
+        self._exporters: list[_WatchedSpanExporter | _WatchedMetricExporter] = []
         self.record_content = record_content
         self.trace_context = trace_context
         self.counts = counts or ExportCounts()
@@ -123,6 +127,15 @@ class Telemetry:
             if meter_provider is not None
             else metrics.NoOpMeter("mesh_node")
         )
+
+    @property
+    def tracing(self) -> bool:
+        """True when spans are recorded and exported."""
+        return self._tracer_provider is not None
+
+    def watch(self, *exporters: _WatchedSpanExporter | _WatchedMetricExporter) -> None:
+        """Tells shutdown which exporters to ask whether they are failing."""
+        self._exporters.extend(exporters)
 
     def sdk_option(self) -> Any:
         """The `open_telemetry` option of the SDK client.
@@ -191,9 +204,21 @@ class Telemetry:
 
         # On a thread of its own: the SDK's shutdown waits on its exporter,
         # which waits on the collector, for longer than a stopping node may.
+        unsent = sum(
+            e.queued for e in self._exporters if isinstance(e, _WatchedSpanExporter)
+        )
         flusher = threading.Thread(target=flush, name="telemetry-flush", daemon=True)
         flusher.start()
-        flusher.join(FLUSH_TIMEOUT_S)
+        # Waits for the flush while the exporters keep up; one that fails or
+        # hangs (even in the flush itself) ends the wait at once.
+        deadline_s = time.monotonic() + FLUSH_TIMEOUT_S
+        timeout_s = FLUSH_TIMEOUT_S
+        while flusher.is_alive() and time.monotonic() < deadline_s:
+            if any(exporter.failing() for exporter in self._exporters):
+                timeout_s = FLUSH_TIMEOUT_FAILING_S
+                flusher.join(FLUSH_TIMEOUT_FAILING_S)
+                break
+            flusher.join(0.05)
         counts = self.counts
         fields = {
             "spans_dropped": counts.spans_dropped,
@@ -203,7 +228,7 @@ class Telemetry:
         if flusher.is_alive():
             log.warning(
                 "telemetry.flush_incomplete",
-                extra={"timeout_s": FLUSH_TIMEOUT_S, **fields},
+                extra={"timeout_s": timeout_s, "spans_unsent": unsent, **fields},
             )
         elif any(fields.values()):
             log.warning("telemetry.lost", extra=fields)
@@ -249,21 +274,36 @@ def from_environment(
     meters = _exporter_choice(environ, "METRICS")
     if traces == "none" and meters == "none":
         return Telemetry(record_content=record_content, trace_context=trace_context)
+    for signal, chosen in (("TRACES", traces), ("METRICS", meters)):
+        if chosen == "otlp":
+            _check_endpoint(environ, signal)
     counts = ExportCounts()
     resource = _resource(node_id)
+    watched: list[_WatchedSpanExporter | _WatchedMetricExporter] = []
     tracer_provider = meter_provider = None
-    if traces != "none":
-        tracer_provider = _tracer_provider(traces, environ, resource, counts)
-    if meters != "none":
-        meter_provider = _meter_provider(meters, environ, resource, counts)
+    try:
+        if traces != "none":
+            tracer_provider = _tracer_provider(
+                traces, environ, resource, counts, watched
+            )
+        if meters != "none":
+            meter_provider = _meter_provider(meters, environ, resource, counts, watched)
+    except ValueError as exc:
+        # The SDK refuses some values of its own variables (a delay of 0,
+        # say) only when it is built; that is a configuration error too.
+        raise ConfigError(
+            f"configuration error: OpenTelemetry settings: {exc}"
+        ) from None
     _quiet_exporter_logs()
-    return Telemetry(
+    telemetry = Telemetry(
         tracer_provider,
         meter_provider,
         record_content=record_content,
         trace_context=trace_context,
         counts=counts,
     )
+    telemetry.watch(*watched)
+    return telemetry
 
 
 def _exporter_choice(environ: Mapping[str, str], signal: str) -> Exporter:
@@ -282,11 +322,32 @@ def _exporter_choice(environ: Mapping[str, str], signal: str) -> Exporter:
     return chosen  # type: ignore[return-value]
 
 
+def _check_endpoint(environ: Mapping[str, str], signal: str) -> None:
+    """Refuses at start what the exporter would only fail on at every export."""
+    for name in (
+        f"OTEL_EXPORTER_OTLP_{signal}_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ):
+        endpoint = environ.get(name, "").strip()
+        if endpoint and not endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"configuration error: {name}: {endpoint!r} must start with "
+                "http:// or https://"
+            )
+    for name in (
+        f"OTEL_EXPORTER_OTLP_{signal}_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ):
+        path = environ.get(name, "").strip()
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"configuration error: {name}: no file at {path}")
+
+
 def _protocol(environ: Mapping[str, str], signal: str) -> str:
     name = f"OTEL_EXPORTER_OTLP_{signal}_PROTOCOL"
-    protocol = (
-        environ.get(name) or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
-    ).strip() or "http/protobuf"
+    if not environ.get(name):
+        name = "OTEL_EXPORTER_OTLP_PROTOCOL"
+    protocol = environ.get(name, "").strip() or "http/protobuf"
     if protocol == "http/protobuf":
         return protocol
     if protocol == "grpc":
@@ -294,14 +355,14 @@ def _protocol(environ: Mapping[str, str], signal: str) -> str:
             import opentelemetry.exporter.otlp.proto.grpc  # noqa: F401
         except ImportError:
             raise ConfigError(
-                "configuration error: OTEL_EXPORTER_OTLP_PROTOCOL: grpc needs the "
+                f"configuration error: {name}: grpc needs the "
                 "opentelemetry-exporter-otlp-proto-grpc package, which this "
                 "installation lacks; use http/protobuf"
             ) from None
         return protocol
     raise ConfigError(
-        f"configuration error: OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not "
-        "supported; use http/protobuf or grpc"
+        f"configuration error: {name}: {protocol!r} is not supported; use "
+        "http/protobuf or grpc"
     )
 
 
@@ -324,11 +385,14 @@ def _tracer_provider(
     environ: Mapping[str, str],
     resource: Resource,
     counts: ExportCounts,
+    watched: list[_WatchedSpanExporter | _WatchedMetricExporter],
 ) -> TracerProvider:
     exporter: SpanExporter
     if exporter_name == "console":
-        # stdout carries results only.
-        exporter = ConsoleSpanExporter(out=sys.stderr)
+        # stdout carries results only, and stderr one JSON object a line.
+        exporter = ConsoleSpanExporter(
+            out=sys.stderr, formatter=lambda span: span.to_json(indent=None) + "\n"
+        )
     elif _protocol(environ, "TRACES") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
             OTLPSpanExporter as GrpcSpanExporter,
@@ -341,21 +405,25 @@ def _tracer_provider(
         )
 
         exporter = OTLPSpanExporter(**_http_transport(environ, "TRACES"))
-    watched = _WatchedSpanExporter(exporter, counts)
+    queue = _bsp_number(environ, "OTEL_BSP_MAX_QUEUE_SIZE", MAX_QUEUED_SPANS, 1 << 20)
+    spans = _WatchedSpanExporter(exporter, counts, queue)
+    watched.append(spans)
     batch = BatchSpanProcessor(
-        watched,
-        max_queue_size=MAX_QUEUED_SPANS,
-        max_export_batch_size=_export_batch(environ),
+        spans,
+        max_queue_size=queue,
+        max_export_batch_size=_bsp_number(
+            environ, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", DEFAULT_EXPORT_BATCH, queue
+        ),
     )
     # The sampler OTEL_TRACES_SAMPLER names, which a provider reads for itself.
     configured = TracerProvider(shutdown_on_exit=False).sampler
     # Shut down by `Telemetry.shutdown`, within its bound, not at exit.
     provider = TracerProvider(
         resource=resource,
-        sampler=_Shedding(configured, watched, counts),
+        sampler=_Shedding(configured, spans, counts),
         shutdown_on_exit=False,
     )
-    provider.add_span_processor(_BoundedSpanProcessor(batch, watched, counts))
+    provider.add_span_processor(_BoundedSpanProcessor(batch, spans, counts))
     return provider
 
 
@@ -388,15 +456,13 @@ def _http_transport(environ: Mapping[str, str], signal: str) -> dict[str, Any]:
     return {"_transport": Urllib3HTTPTransport(verify=verify, cert=cert)}
 
 
-def _export_batch(environ: Mapping[str, str]) -> int:
-    name = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+def _bsp_number(environ: Mapping[str, str], name: str, default: int, high: int) -> int:
     text = environ.get(name, "").strip()
     if not text:
-        return DEFAULT_EXPORT_BATCH
-    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUED_SPANS:
+        return min(default, high)
+    if not text.isdigit() or not 1 <= int(text) <= high:
         raise ConfigError(
-            f"configuration error: {name}: must be a whole number from 1 to "
-            f"{MAX_QUEUED_SPANS}"
+            f"configuration error: {name}: must be a whole number from 1 to {high}"
         )
     return int(text)
 
@@ -406,10 +472,14 @@ def _meter_provider(
     environ: Mapping[str, str],
     resource: Resource,
     counts: ExportCounts,
+    watched: list[_WatchedSpanExporter | _WatchedMetricExporter],
 ) -> MeterProvider:
     exporter: MetricExporter
     if exporter_name == "console":
-        exporter = ConsoleMetricExporter(out=sys.stderr)
+        exporter = ConsoleMetricExporter(
+            out=sys.stderr,
+            formatter=lambda metrics: metrics.to_json(indent=None) + "\n",
+        )
     elif _protocol(environ, "METRICS") == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter as GrpcMetricExporter,
@@ -422,7 +492,9 @@ def _meter_provider(
         )
 
         exporter = OTLPMetricExporter(**_http_transport(environ, "METRICS"))
-    reader = PeriodicExportingMetricReader(_WatchedMetricExporter(exporter, counts))
+    metric_exporter = _WatchedMetricExporter(exporter, counts)
+    watched.append(metric_exporter)
+    reader = PeriodicExportingMetricReader(metric_exporter)
     return MeterProvider(
         resource=resource, metric_readers=[reader], shutdown_on_exit=False
     )
@@ -462,22 +534,31 @@ class _FailureNotice:
 class _WatchedSpanExporter(SpanExporter):
     """Counts the spans handed to the exporter, and the ones it failed to send."""
 
-    def __init__(self, inner: SpanExporter, counts: ExportCounts) -> None:
+    def __init__(self, inner: SpanExporter, counts: ExportCounts, queue: int) -> None:
         self._inner = inner
         self._counts = counts
+        self._queue = queue
         self._notice = _FailureNotice("traces")
         self._lock = threading.Lock()
         self.queued = 0
         self._export_started_s: float | None = None
 
-    def _bound(self) -> int:
+    def failing(self) -> bool:
+        """Exports fail, or the one under way has hung."""
         started_s = self._export_started_s
         stalled = started_s is not None and (
             time.monotonic() - started_s > STALLED_EXPORT_S
         )
-        if stalled or self._notice.failing:
-            return MAX_QUEUED_SPANS_FAILING
-        return MAX_QUEUED_SPANS
+        return stalled or self._notice.failing
+
+    def recovered(self) -> bool:
+        """Whether an export succeeded since the last failure was reported."""
+        return not self._notice.failing
+
+    def _bound(self) -> int:
+        if self.failing():
+            return min(MAX_QUEUED_SPANS_FAILING, self._queue)
+        return self._queue
 
     def full(self) -> bool:
         """Whether the queue has no room left, for the sampler."""
@@ -568,6 +649,9 @@ class _BoundedSpanProcessor(SpanProcessor):
     def on_end(self, span: ReadableSpan) -> None:
         if self._exporter.enqueued():
             self._inner.on_end(span)
+            if self._reported and self._exporter.recovered():
+                # Said once per outage: the next one is reported again.
+                self._reported = False
             return
         self._counts.add("spans_dropped", 1)
         if not self._reported:
@@ -595,6 +679,10 @@ class _WatchedMetricExporter(MetricExporter):
         self._inner = inner
         self._counts = counts
         self._notice = _FailureNotice("metrics")
+
+    def failing(self) -> bool:
+        """The last export failed."""
+        return self._notice.failing
 
     def export(
         self,

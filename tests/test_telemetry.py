@@ -419,3 +419,100 @@ def test_the_key_appears_nowhere(
         assert data, f"nothing in the {where}: the check would prove nothing"
         for fragment in (key, key[-20:]):
             assert fragment.encode() not in data, f"the key is in the {where}"
+
+
+def test_off_means_no_trace_context_anywhere(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """Without telemetry a producer's traceparent is not passed off as the task's."""
+    _trace_id, _span_id, traceparent = producer_context()
+    add_traced(rdb, prefix, {"id": "untraced", "prompt": "hi"}, traceparent)
+    node = start_command("serve", env=node_env)
+    started.append(node)
+    (result,) = results_by_id(rdb, prefix, 1).values()
+    assert node.stop() == 0
+    assert result["metadata"]["traceparent"] is None
+    assert not any("trace_id" in event for event in node.events)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "garbage",
+        "00-" + "A" * 32 + "-" + "b" * 16 + "-01",
+        "ff-" + "a" * 32 + "-" + "b" * 16 + "-01",
+        "x" * 600,
+    ],
+    ids=["garbage", "uppercase", "version-ff", "overlong"],
+)
+def test_a_bad_traceparent_in_a_task_is_ignored_not_fatal(
+    node_env: dict[str, str],
+    receiver: OtlpReceiver,
+    rdb: redis.Redis,
+    prefix: str,
+    started: list[Process],
+    bad: str,
+) -> None:
+    add_task(rdb, prefix, {"id": "odd-trace", "prompt": "hi", "traceparent": bad})
+    node = start_command("serve", env=traced_env(node_env, receiver))
+    started.append(node)
+    (result,) = results_by_id(rdb, prefix, 1).values()
+    (span,) = receiver.wait_for_spans(f"process {prefix}tasks", 1)
+    assert node.stop() == 0
+    assert result["success"] is True
+    # A trace of its own, as W3C asks of a traceparent that cannot be read.
+    assert span.parent_span_id == ""
+    assert result["metadata"]["traceparent"].startswith(
+        f"00-{span.trace_id}-{span.span_id}-"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OTEL_BSP_SCHEDULE_DELAY", "0"),
+        ("OTEL_METRIC_EXPORT_INTERVAL", "-5"),
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "many"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4318"),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem"),
+        ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+    ],
+)
+def test_bad_telemetry_settings_are_configuration_errors(
+    node_env: dict[str, str], name: str, value: str
+) -> None:
+    env = {**node_env, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", name: value}
+    done = run_command("interactive", env=env)
+    assert done.returncode == 2
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith("mesh-node: configuration error: ")
+    if not name.startswith(("OTEL_BSP_SCHEDULE", "OTEL_METRIC")):
+        assert name in line
+
+
+def test_console_export_keeps_stderr_one_json_object_a_line(
+    node_env: dict[str, str],
+) -> None:
+    env = {
+        **node_env,
+        "OTEL_TRACES_EXPORTER": "console",
+        "OTEL_METRICS_EXPORTER": "console",
+    }
+    done = run_command("interactive", env=env, stdin=b'{"id": "c", "prompt": "hi"}\n')
+    assert done.returncode == 0
+    lines = done.stderr.decode().splitlines()
+    objects = [json.loads(line) for line in lines]
+    assert any(o.get("name") == "process stdin" for o in objects)
+    assert any(o.get("event") == "task.finished" for o in objects)
+
+
+def test_a_failing_collector_is_not_waited_for_at_shutdown(
+    node_env: dict[str, str],
+) -> None:
+    env = {**node_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    done = run_command("batch", "-", env=env, stdin=b'{"id": "b", "prompt": "hi"}\n')
+    assert done.returncode == 0
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    (flush,) = [e for e in events if e["event"] == "telemetry.flush_incomplete"]
+    # The flush's own export failed: no waiting out the 5 s bound for it.
+    assert flush["timeout_s"] == 0.5
