@@ -44,6 +44,7 @@ log = logging.getLogger("mesh_node")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 HEALTH_TIMEOUT_S = 3.0
+STATUS_TIMEOUT_S = 10.0
 
 _stop_noted: list[int] = []
 
@@ -192,6 +193,7 @@ async def serve(args: argparse.Namespace) -> int:
     from .heartbeat import Heartbeat
     from .intake.redis_stream import RedisStreamIntake
     from .observe import Destination
+    from .ratelimit.limiter import windows_for
     from .sink.redis_stream import RedisStreamSink
 
     # Every task in flight may settle at once, plus the reader, the keeper
@@ -231,6 +233,7 @@ async def serve(args: argparse.Namespace) -> int:
             group=settings.group,
             report=lambda: {**worker.report(), **_lost(executor)},
             stream=executor.observer.stream,
+            limits={w.name: w.limit for w in windows_for(settings)},
         )
         beating = asyncio.create_task(heartbeat.run(stopping))
         await _run(settings, worker)
@@ -347,7 +350,7 @@ async def status(args: argparse.Namespace) -> int:
     from .ratelimit.limiter import windows_for
 
     settings = _settings(args)
-    client = connect(settings.redis_url, max_connections=2)
+    client = connect_once(settings.redis_url, timeout_s=STATUS_TIMEOUT_S)
     keys = c.Keys(settings.prefix)
     windows = windows_for(settings)
     stop = asyncio.Event()
@@ -356,26 +359,43 @@ async def status(args: argparse.Namespace) -> int:
     clear = args.watch and not args.json and sys.stdout.isatty()
     try:
         while True:
-            report = await mesh_status.gather(client, keys, settings.group, windows)
-            text = (
-                orjson.dumps(report).decode()
-                if args.json
-                else mesh_status.render(report)
-            )
+            try:
+                report = await mesh_status.gather(client, keys, settings.group, windows)
+            except RedisError as exc:
+                if not args.watch:
+                    return _redis_failed(settings, exc)
+                # A watch outlives an outage: it says so and looks again.
+                report = {"error": f"Redis unreachable ({type(exc).__name__})"}
+            if args.json:
+                text = orjson.dumps(report).decode()
+            elif "error" in report:
+                text = f"{report['error']} at {redact_url(settings.redis_url)}"
+            else:
+                text = mesh_status.render(report)
             # Home and clear: a watched terminal shows one report, not a scroll.
-            print(("\x1b[H\x1b[2J" if clear else "") + text, flush=True)
+            separator = "" if args.json or clear or not args.watch else "\n"
+            if not _print(("\x1b[H\x1b[2J" if clear else "") + text + separator):
+                return EXIT_OK
             if not args.watch:
                 return EXIT_OK
-            if not args.json and not clear:
-                print(flush=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), args.watch)
             if stop.is_set():
                 return EXIT_OK
-    except RedisError as exc:
-        return _redis_failed(settings, exc)
     finally:
         await client.aclose()
+
+
+def _print(text: str) -> bool:
+    """Prints to stdout; False once the reader has gone (`status | head`)."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        # Nothing more can be said; and the interpreter's own flush at exit
+        # must not fail on the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return False
+    return True
 
 
 async def health(args: argparse.Namespace) -> int:

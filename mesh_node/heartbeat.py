@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
@@ -54,6 +55,7 @@ class Heartbeat:
         group: its consumer group.
         report: the node's current figures (state, in flight, counts).
         stream: where the stream's lag and pending count are kept for metrics.
+        limits: the limit of each limiter window, by name.
         interval_s: time between beats.
     """
 
@@ -66,6 +68,7 @@ class Heartbeat:
         group: str,
         report: Callable[[], Mapping[str, Any]],
         stream: StreamFigures,
+        limits: Mapping[str, int] | None = None,
         interval_s: float = HEARTBEAT_INTERVAL_S,
     ) -> None:
         self._client = client
@@ -84,6 +87,8 @@ class Heartbeat:
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "version": __version__,
+            # `status` shows headroom against the limits the nodes run with.
+            "limits": orjson.dumps(dict(limits or {})).decode(),
         }
         self._started_ms: int | None = None
 

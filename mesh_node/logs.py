@@ -95,8 +95,32 @@ def route_audit(path: str) -> None:
     Raises:
         OSError: the file cannot be opened for appending.
     """
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _AuditFileHandler(path, encoding="utf-8")
     handler.setFormatter(JsonFormatter())
     audit = logging.getLogger(AUDIT_LOGGER)
     audit.handlers[:] = [handler]
     audit.propagate = False
+
+
+class _AuditFileHandler(logging.FileHandler):
+    """A file handler that says once, as a log line, that it cannot write.
+
+    The default prints a bare traceback to stderr for every record, which
+    breaks the one-JSON-object-a-line rule and says the same thing each time.
+    """
+
+    _failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        if self._failed:
+            return
+        self._failed = True
+        error = sys.exc_info()[1]
+        logging.getLogger("mesh_node").error(
+            "audit.write_failed",
+            extra={
+                "path": self.baseFilename,
+                "error": type(error).__name__ if error else None,
+                "detail": str(error) if isinstance(error, OSError) else None,
+            },
+        )

@@ -21,9 +21,6 @@ from .heartbeat import HEARTBEAT_STALE_MS
 from .ratelimit import SAFETY_MS, Window
 
 RECENT_MS = 60_000
-# The most results of the last minute read to count them: enough for 1,600
-# results a second, and a bound on what one look costs Redis.
-MAX_RECENT_RESULTS = 100_000
 
 
 async def gather(
@@ -39,6 +36,14 @@ async def gather(
     """
     seconds, micros = await client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
+    nodes = await _nodes(client, keys, now_ms)
+    # The limits the nodes run with, when one says; else this command's own.
+    published = next((n["limits"] for n in nodes if n["live"] and n["limits"]), None)
+    if published:
+        windows = [
+            Window(w.name, published.get(w.name, w.limit), w.window_ms, w.unit, w.kind)
+            for w in windows
+        ]
     return {
         "at": dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
         .isoformat(timespec="seconds")
@@ -46,8 +51,8 @@ async def gather(
         "tasks": await _stream(client, keys.tasks, group),
         "results": {"key": keys.results, "length": await client.xlen(keys.results)},
         "dead": {"key": keys.dead, "length": await client.xlen(keys.dead)},
-        "nodes": await _nodes(client, keys, now_ms),
-        "last_minute": await _recent(client, keys, now_ms),
+        "nodes": nodes,
+        "last_minute": _recent(nodes),
         "limiter": await _limiter(client, keys, windows, now_ms),
     }
 
@@ -104,8 +109,15 @@ async def _nodes(
                 "failed": _int(fields.get("failed")),
                 "crashed": _int(fields.get("crashed")),
                 "seen_s_ago": None if age_ms is None else round(age_ms / 1000, 1),
-                "up_s": None if started_ms is None else (now_ms - started_ms) // 1000,
+                "up_s": None
+                if started_ms is None or seen_ms is None
+                else (seen_ms - started_ms) // 1000,
                 "spans_dropped": _int(fields.get("spans_dropped")),
+                "minute_succeeded": _int(fields.get("minute_succeeded")),
+                "minute_failed": _int(fields.get("minute_failed")),
+                "minute_errors": _json_object(fields.get("minute_errors")),
+                "minute_dead_lettered": _int(fields.get("minute_dead_lettered")),
+                "limits": _json_object(fields.get("limits")),
                 "version": fields.get("version"),
                 "pid": _int(fields.get("pid")),
             }
@@ -113,33 +125,21 @@ async def _nodes(
     return sorted(nodes, key=lambda node: str(node["node"]))
 
 
-async def _recent(client: aioredis.Redis, keys: c.Keys, now_ms: int) -> dict[str, Any]:
-    since = f"{now_ms - RECENT_MS}-0"
-    entries = await client.xrange(keys.results, since, "+", count=MAX_RECENT_RESULTS)
-    entries = entries or []
-    outcomes: Counter[str] = Counter()
+def _recent(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last minute, added up from the live nodes' heartbeats."""
+    live = [node for node in nodes if node["live"]]
+    succeeded = sum(node["minute_succeeded"] or 0 for node in live)
+    failed = sum(node["minute_failed"] or 0 for node in live)
     errors: Counter[str] = Counter()
-    for _entry_id, fields in entries:
-        try:
-            result = orjson.loads((fields or {}).get(c.FIELD_RESULT.encode(), b""))
-        except orjson.JSONDecodeError:
-            outcomes["unreadable"] += 1
-            continue
-        if result.get("success"):
-            outcomes["succeeded"] += 1
-        else:
-            outcomes["failed"] += 1
-            error = result.get("error") or {}
-            errors[str(error.get("type", "unknown"))] += 1
-    dead = await client.xrange(keys.dead, since, "+", count=MAX_RECENT_RESULTS) or []
+    for node in live:
+        errors.update(node["minute_errors"])
     return {
-        "results": len(entries),
-        "per_s": round(len(entries) / (RECENT_MS / 1000), 2),
-        "succeeded": outcomes["succeeded"],
-        "failed": outcomes["failed"],
+        "results": succeeded + failed,
+        "per_s": round((succeeded + failed) / (RECENT_MS / 1000), 2),
+        "succeeded": succeeded,
+        "failed": failed,
         "errors": dict(errors.most_common()),
-        "dead_letters": len(dead),
-        "capped": len(entries) >= MAX_RECENT_RESULTS,
+        "dead_letters": sum(node["minute_dead_lettered"] or 0 for node in live),
     }
 
 
@@ -252,9 +252,8 @@ def render(report: dict[str, Any]) -> str:
     )
     lines += ["", *_render_nodes(report["nodes"]), ""]
     errors = ", ".join(f"{name} {count}" for name, count in recent["errors"].items())
-    capped = " (capped)" if recent["capped"] else ""
     lines.append(
-        f"last minute  {recent['results']} results{capped} ({recent['per_s']}/s): "
+        f"last minute  {recent['results']} results ({recent['per_s']}/s): "
         f"{recent['succeeded']} succeeded, {recent['failed']} failed"
         + (f" ({errors})" if errors else "")
     )
@@ -273,10 +272,12 @@ def _render_nodes(nodes: list[dict[str, Any]]) -> list[str]:
     for node in nodes:
         state = node["state"] if node["live"] else "stale"
         flight = f"{node['in_flight']}/{node['concurrency']}"
+        dropped = node["spans_dropped"]
         lines.append(
             f"  {node['node']:<28} {state:<9} {flight:<10} "
             f"{node['succeeded'] or 0:>9} {node['failed'] or 0:>7}  "
             f"{_ago(node['seen_s_ago']):<7} {_ago(node['up_s'])}"
+            + (f"  ({dropped} spans dropped)" if dropped else "")
         )
     return lines
 
@@ -317,6 +318,14 @@ def _glob(text: str) -> str:
 
 def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _json_object(value: str | None) -> dict[str, Any]:
+    try:
+        parsed = orjson.loads(value or "{}")
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _int(value: str | None) -> int | None:

@@ -15,7 +15,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
+
+import orjson
 
 from .admission import Limits, Rejected, admit
 from .errors import (
@@ -31,6 +34,36 @@ from .sink import Sink, Start
 from .tasks import Task, TaskResult
 
 log = logging.getLogger(__name__)
+
+RECENT_S = 60
+
+
+class RecentOutcomes:
+    """How tasks ended over the last minute, in one-second buckets.
+
+    Kept by each serving node for its heartbeat, so that `status` adds up a
+    few numbers instead of reading a minute of results; memory stays at 60
+    small counters whatever the rate.
+    """
+
+    def __init__(self) -> None:
+        self._buckets: deque[tuple[int, Counter[str]]] = deque()
+
+    def add(self, outcome: str) -> None:
+        second = int(time.monotonic())
+        if not self._buckets or self._buckets[-1][0] != second:
+            self._buckets.append((second, Counter()))
+        self._buckets[-1][1][outcome] += 1
+
+    def totals(self) -> Counter[str]:
+        """The counts of the last `RECENT_S` seconds."""
+        oldest = int(time.monotonic()) - RECENT_S
+        while self._buckets and self._buckets[0][0] <= oldest:
+            self._buckets.popleft()
+        total: Counter[str] = Counter()
+        for _second, counts in self._buckets:
+            total.update(counts)
+        return total
 
 
 class Worker:
@@ -78,6 +111,7 @@ class Worker:
         self._forced = asyncio.Event()
         self.output_closed = False
         self.counts = {"succeeded": 0, "failed": 0, "skipped": 0, "crashed": 0}
+        self.recent = RecentOutcomes()
 
     def stop(self) -> None:
         """Asks the loop to stop receiving; a second call skips the grace period.
@@ -97,11 +131,21 @@ class Worker:
             state = "holding"
         else:
             state = "running"
+        recent = self.recent.totals()
+        errors = {
+            name.removeprefix("failed:"): count
+            for name, count in recent.items()
+            if name.startswith("failed:")
+        }
         return {
             "state": state,
             "in_flight": len(self._in_flight),
             "concurrency": self._concurrency,
             **self.counts,
+            "minute_succeeded": recent["succeeded"],
+            "minute_failed": sum(errors.values()),
+            "minute_errors": orjson.dumps(errors).decode(),
+            "minute_dead_lettered": recent["dead_lettered"],
         }
 
     async def run(self) -> None:
@@ -289,6 +333,7 @@ class Worker:
         error = TaskError(reason, ErrorType.MAX_DELIVERIES)
         result = self._executor.failure(task_id, error, source=delivery.source)
         await self._sink.dead_letter(delivery, result, reason)
+        self.recent.add("dead_lettered")
         log.warning(
             "task.dead_lettered",
             extra={
@@ -338,6 +383,7 @@ class Worker:
     def _finished(self, result: TaskResult) -> None:
         outcome = "succeeded" if result.success else "failed"
         self.counts[outcome] += 1
+        self.recent.add(f"failed:{result.error.type}" if result.error else outcome)
         self._observer.finished(result)
         log.info(
             "task.finished",

@@ -70,6 +70,13 @@ def test_status_shows_the_stream_the_nodes_the_last_minute_and_the_limits(
     assert by_window["requests_per_minute"]["headroom"] == 100_000 - 5
     assert api_key["paused_s"] == 0
 
+    # Headroom is against the limits the node runs with, whatever this
+    # command's own configuration says.
+    elsewhere = {**env, "MESH_CONFIG": str(REPO / "config" / "security-config.json")}
+    (seen,) = status(elsewhere)["limiter"]["keys"]
+    by_window = {w["name"]: w for w in seen["windows"]}
+    assert by_window["requests_per_minute"]["limit"] == 100_000
+
     assert node.stop() == 0
     # A node that stopped takes its heartbeat with it.
     assert status(env)["nodes"] == []
@@ -94,14 +101,18 @@ def test_status_shows_why_a_key_is_paused(
     assert 50 < api_key["paused_s"] <= 60
     assert api_key["pause_reason"] == "the API said 429"
 
-    text = run_command("status", env=node_env)
-    assert text.returncode == 0
-    out = text.stdout.decode()
+    def text_with_the_error() -> str | None:
+        # The last minute comes from heartbeats, written every 5 s.
+        done = run_command("status", env=node_env)
+        assert done.returncode == 0
+        out = done.stdout.decode()
+        return out if "rate_limited 1" in out else None
+
+    out = wait_for(text_with_the_error, timeout_s=20, what="the error in status")
     assert f"tasks        {prefix}tasks" in out
     assert "nodes        1 live, 0 stale" in out
     assert "paused for " in out
     assert "s more: the API said 429" in out
-    assert "rate_limited 1" in out
     assert node.stop() == 0
 
 
@@ -194,3 +205,33 @@ def test_health_follows_the_heartbeat(
     assert down.stdout.decode().startswith(
         "unhealthy: cannot reach Redis at redis://127.0.0.1:1/0 (ConnectionError"
     )
+
+
+def test_status_watch_survives_redis_and_a_closed_pipe(
+    node_env: dict[str, str],
+) -> None:
+    down = {**node_env, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    watch = subprocess.Popen(
+        command("status", "--watch", "0.2"),
+        env=down,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert watch.stdout is not None
+        frames = [watch.stdout.readline().decode() for _ in range(4)]
+        # Two frames, each followed by a blank line that sets it apart.
+        unreachable = "Redis unreachable (ConnectionError) at redis://127.0.0.1:1/0\n"
+        assert frames == [unreachable, "\n", unreachable, "\n"]
+        # The reader goes away, as `status --watch | head -2` does.
+        watch.stdout.close()
+        assert watch.wait(10) == 0
+        assert watch.stderr is not None
+        assert watch.stderr.read() == b""
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        if watch.stderr is not None:
+            watch.stderr.close()

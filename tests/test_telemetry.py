@@ -516,3 +516,17 @@ def test_a_failing_collector_is_not_waited_for_at_shutdown(
     (flush,) = [e for e in events if e["event"] == "telemetry.flush_incomplete"]
     # The flush's own export failed: no waiting out the 5 s bound for it.
     assert flush["timeout_s"] == 0.5
+
+
+def test_an_audit_log_that_cannot_be_written_is_reported_once(
+    node_env: dict[str, str],
+) -> None:
+    env = {**node_env, "MESH_AUDIT_LOG": "/dev/full"}
+    tasks = b'{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "ho"}\n'
+    done = run_command("interactive", env=env, stdin=tasks)
+    assert done.returncode == 0
+    assert done.stdout.count(b'"success":true') == 2
+    events = [json.loads(line) for line in done.stderr.splitlines()]
+    (failed,) = [e for e in events if e["event"] == "audit.write_failed"]
+    assert failed["path"] == "/dev/full"
+    assert failed["detail"] == "[Errno 28] No space left on device"
