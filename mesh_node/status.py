@@ -160,12 +160,9 @@ async def _limiter(
     for key_id in sorted(ids):
         used = []
         for window in windows:
-            members = await client.zrangebyscore(
-                f"{base}{key_id}:{window.name}",
-                now_ms - window.window_ms - SAFETY_MS,
-                "+inf",
+            total = await _window_used(
+                client, f"{base}{key_id}:{window.name}", window, now_ms
             )
-            total = sum(int(_text(m).rsplit("|", 1)[1]) for m in members)
             used.append(
                 {
                     "name": window.name,
@@ -221,6 +218,21 @@ async def health(
         f"healthy: node {node['node']} beat {age}s ago, {node['state']}, "
         f"{node['in_flight']}/{node['concurrency']} in flight"
     )
+
+
+async def _window_used(
+    client: aioredis.Redis, key: str, window: Window, now_ms: int
+) -> int:
+    """What a window holds: its running total, which may still count a few
+    entries the next call will age out (so headroom errs low), or, without
+    one, its entries counted."""
+    total = await client.get(f"{key}:sum")
+    if total is not None:
+        return max(0, int(total))
+    members = await client.zrangebyscore(
+        key, now_ms - window.window_ms - SAFETY_MS, "+inf"
+    )
+    return sum(int(_text(m).rsplit("|", 1)[1]) for m in members)
 
 
 def render(report: dict[str, Any]) -> str:

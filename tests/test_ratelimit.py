@@ -189,7 +189,7 @@ def test_redis_keys_hold_a_hash_of_the_key_never_the_key(
     keys = _run(scenario())
     assert sorted(keys) == sorted(
         f"{prefix}limit:{key_id(FAKE_KEY)}:{name}".encode()
-        for name in ("requests_per_minute", "pause")
+        for name in ("requests_per_minute", "requests_per_minute:sum", "pause")
     )
     assert all(FAKE_KEY.encode() not in key for key in keys)
 
@@ -237,3 +237,49 @@ def test_spend_limit_429_is_not_retryable() -> None:
         True,
         7.0,
     )
+
+
+def test_the_running_total_matches_the_window_through_settles_and_ageing(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """The Redis window's `:sum` always equals the costs its entries hold."""
+    window = Window("tokens_per_second", 100, 400, Unit.TOKENS)
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        client = connect(redis_server.url, max_connections=2)
+        backend = RedisLimitBackend(client, RedisLink(), prefix, FAKE_KEY)
+        zset = f"{prefix}limit:{key_id(FAKE_KEY)}:{window.name}"
+
+        async def both() -> tuple[int, int]:
+            members: Any = await client.zrange(zset, 0, -1)
+            held = sum(int(m.rsplit(b"|", 1)[1]) for m in members)
+            total: Any = await client.get(f"{zset}:sum")
+            return int(total or 0), held
+
+        seen = []
+        for n in range(4):
+            verdict = await backend.acquire([window], [30], f"t{n}", dry_run=False)
+            seen.append(verdict.wait_ms)
+        # A reservation settled below what it took frees room at once.
+        await backend.settle([window], "t0", [30], [5])
+        await backend.settle([window], "t1", [30], [0])
+        after_settle = await both()
+        admitted = await backend.acquire([window], [30], "t4", dry_run=False)
+        seen.append(admitted.wait_ms)
+        deadline = asyncio.get_running_loop().time() + 5
+        while (await backend.acquire([window], [90], "t5", dry_run=True)).wait_ms:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        aged = await both()
+        await client.aclose()
+        return seen, [*after_settle, *aged]
+
+    seen, totals = _run(scenario())
+    # Three of 30 fit in 100; the fourth waits; after the settles it fits.
+    assert seen[:3] == [0, 0, 0]
+    assert seen[3] > 0
+    assert seen[4] == 0
+    total_after_settle, held_after_settle, total_aged, held_aged = totals
+    # t0 settled to 5, t1 to 0, t2 holds 30; t3 was never admitted.
+    assert total_after_settle == held_after_settle == 35
+    assert total_aged == held_aged

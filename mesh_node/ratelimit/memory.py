@@ -17,10 +17,34 @@ class _Entry:
 
 
 @dataclass
+class _Window:
+    """One window's entries, oldest first, with their running total.
+
+    The total and the index by token keep admission and settlement O(1) in
+    the number of entries, which an hour's window at a high limit makes large.
+    """
+
+    entries: deque[_Entry] = field(default_factory=deque)
+    used: int = 0
+    by_token: dict[str, _Entry] = field(default_factory=dict)
+
+    def purge(self, before_ms: int) -> None:
+        while self.entries and self.entries[0].at_ms <= before_ms:
+            gone = self.entries.popleft()
+            self.used -= gone.cost
+            self.by_token.pop(gone.token, None)
+
+    def add(self, entry: _Entry) -> None:
+        self.entries.append(entry)
+        self.used += entry.cost
+        self.by_token[entry.token] = entry
+
+
+@dataclass
 class MemoryLimitBackend:
     """Sliding windows as deques; the same rules as the Redis backend's script."""
 
-    _windows: dict[str, deque[_Entry]] = field(default_factory=dict)
+    _windows: dict[str, _Window] = field(default_factory=dict)
     _paused_until_ms: int = 0
     _pause_reason: str | None = None
 
@@ -49,7 +73,7 @@ class MemoryLimitBackend:
             return verdict
         for window, cost in zip(windows, costs, strict=True):
             if cost > 0:
-                self._entries(window).append(_Entry(now_ms, token, cost))
+                self._window(window).add(_Entry(now_ms, token, cost))
         return verdict
 
     async def settle(
@@ -57,11 +81,12 @@ class MemoryLimitBackend:
     ) -> None:
         """Replaces a reservation's costs with what was actually used."""
         for window, new_cost in zip(windows, actual, strict=True):
-            entries = self._entries(window)
-            for entry in entries:
-                if entry.token == token:
-                    entry.cost = new_cost
-            self._windows[window.name] = deque(e for e in entries if e.cost > 0)
+            state = self._window(window)
+            entry = state.by_token.get(token)
+            if entry is not None:
+                # A zero-cost entry stays until it ages out; it counts nothing.
+                state.used += new_cost - entry.cost
+                entry.cost = new_cost
 
     async def pause(self, duration_ms: int, reason: str) -> None:
         """Stops all work on the key for a while (extends, never shortens)."""
@@ -74,21 +99,21 @@ class MemoryLimitBackend:
         left_ms = self._paused_until_ms - _now_ms()
         return (left_ms, self._pause_reason) if left_ms > 0 else (0, None)
 
-    def _entries(self, window: Window) -> deque[_Entry]:
-        return self._windows.setdefault(window.name, deque())
+    def _window(self, window: Window) -> _Window:
+        return self._windows.setdefault(window.name, _Window())
 
     def _wait_ms(self, window: Window, cost: int, now_ms: int) -> int:
         if cost > window.limit:
             return -1
-        entries = self._entries(window)
+        state = self._window(window)
         span_ms = window.window_ms + SAFETY_MS
-        while entries and entries[0].at_ms <= now_ms - span_ms:
-            entries.popleft()
-        need = sum(e.cost for e in entries) + max(cost, 1) - window.limit
+        state.purge(now_ms - span_ms)
+        need = state.used + max(cost, 1) - window.limit
         if need <= 0:
             return 0
+        # Only when full: walk from the oldest until enough would be freed.
         freed = 0
-        for entry in entries:
+        for entry in state.entries:
             freed += entry.cost
             if freed >= need:
                 return entry.at_ms + span_ms - now_ms + 1

@@ -1,9 +1,11 @@
 """The limiter's windows in Redis, shared by every process that uses one API key.
 
 Each window is a sorted set of `token|cost` members scored by the time they
-were admitted; one Lua script purges, sums, decides and admits for all windows
-at once, on the Redis server's clock, so that processes on different hosts
-agree. The key part is a hash of the API key, never the key itself.
+were admitted, with a running total beside it (`…:sum`), so that a call costs
+the same whether the window holds ten entries or a million; one Lua script
+purges, decides and admits for all windows at once, on the Redis server's
+clock, so that processes on different hosts agree. The key part is a hash of
+the API key, never the key itself.
 """
 
 from __future__ import annotations
@@ -16,59 +18,93 @@ import redis.asyncio as aioredis
 from ..redis_link import RedisLink
 from . import SAFETY_MS, Verdict, Window
 
-# KEYS: one sorted set per window, then the pause key.
-# ARGV: token, dry run (0/1), then limit, span ms and cost per window.
-# Returns {wait ms, window index (0-based, -1 none), paused (0/1)}.
+# KEYS: one sorted set per window, then the running total of each, then the
+# pause key. ARGV: token, dry run (0/1), then limit, span ms and cost per
+# window. Returns {wait ms, window index (0-based, -1 none), paused (0/1)}.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS - 1
-local paused = redis.call('PTTL', KEYS[n + 1])
+local n = (#KEYS - 1) / 2
+local paused = redis.call('PTTL', KEYS[2 * n + 1])
 if paused > 0 then return {paused, -1, 1} end
 local function cost_of(member) return tonumber(string.match(member, '|(%d+)$')) end
+-- What a window holds now: its running total less what has aged out, which
+-- is removed. Without a total (first use, or one older than this layout)
+-- the set is counted once.
+local function used(i, span)
+  local zset, sum = KEYS[i], KEYS[n + i]
+  local total = redis.call('GET', sum)
+  local expired = redis.call('ZRANGEBYSCORE', zset, '-inf', now - span)
+  redis.call('ZREMRANGEBYSCORE', zset, '-inf', now - span)
+  if not total then
+    total = 0
+    for _, member in ipairs(redis.call('ZRANGE', zset, 0, -1)) do
+      total = total + cost_of(member)
+    end
+    redis.call('SET', sum, total, 'PX', span + 1000)
+    return total
+  end
+  total = tonumber(total)
+  if #expired > 0 then
+    for _, member in ipairs(expired) do total = total - cost_of(member) end
+    redis.call('SET', sum, total, 'KEEPTTL')
+  end
+  return total
+end
+-- When a window is full: how long until the oldest entries free `need`.
+local function wait_for(zset, span, need)
+  local freed, first = 0, 0
+  while true do
+    local entries = redis.call('ZRANGE', zset, first, first + 63, 'WITHSCORES')
+    if #entries == 0 then return span end
+    for j = 1, #entries, 2 do
+      freed = freed + cost_of(entries[j])
+      if freed >= need then return tonumber(entries[j + 1]) + span - now + 1 end
+    end
+    first = first + 64
+  end
+end
 local wait, which = 0, -1
 for i = 1, n do
   local base = 3 + 3 * (i - 1)
   local limit, span, cost = tonumber(ARGV[base]), tonumber(ARGV[base + 1]),
     tonumber(ARGV[base + 2])
   if cost > limit then return {-1, i - 1, 0} end
-  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now - span)
-  local entries = redis.call('ZRANGE', KEYS[i], 0, -1, 'WITHSCORES')
-  local used = 0
-  for j = 1, #entries, 2 do used = used + cost_of(entries[j]) end
-  local need = used + math.max(cost, 1) - limit
+  local need = used(i, span) + math.max(cost, 1) - limit
   if need > 0 then
-    local freed, w = 0, span
-    for j = 1, #entries, 2 do
-      freed = freed + cost_of(entries[j])
-      if freed >= need then
-        w = tonumber(entries[j + 1]) + span - now + 1
-        break
-      end
-    end
+    local w = wait_for(KEYS[i], span, need)
     if w > wait then wait, which = w, i - 1 end
   end
 end
 if wait > 0 or ARGV[2] == '1' then return {wait, which, 0} end
 for i = 1, n do
   local base = 3 + 3 * (i - 1)
-  if tonumber(ARGV[base + 2]) > 0 then
-    redis.call('ZADD', KEYS[i], now, ARGV[1] .. '|' .. ARGV[base + 2])
-    redis.call('PEXPIRE', KEYS[i], tonumber(ARGV[base + 1]) + 1000)
+  local span, cost = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
+  if cost > 0 then
+    redis.call('ZADD', KEYS[i], now, ARGV[1] .. '|' .. cost)
+    redis.call('INCRBY', KEYS[n + i], cost)
+    redis.call('PEXPIRE', KEYS[i], span + 1000)
+    redis.call('PEXPIRE', KEYS[n + i], span + 1000)
   end
 end
 return {0, -1, 0}
 """
 
-# KEYS: one sorted set per window. ARGV: token, then reserved and actual per window.
+# KEYS: one sorted set per window, then the running total of each. ARGV:
+# token, then reserved and actual cost per window.
 _SETTLE = """
-for i = 1, #KEYS do
-  local old = ARGV[1] .. '|' .. ARGV[2 * i]
+local n = #KEYS / 2
+for i = 1, n do
+  local before, after = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local old = ARGV[1] .. '|' .. before
   local score = redis.call('ZSCORE', KEYS[i], old)
   if score then
     redis.call('ZREM', KEYS[i], old)
-    if tonumber(ARGV[2 * i + 1]) > 0 then
-      redis.call('ZADD', KEYS[i], score, ARGV[1] .. '|' .. ARGV[2 * i + 1])
+    if after > 0 then
+      redis.call('ZADD', KEYS[i], score, ARGV[1] .. '|' .. after)
+    end
+    if redis.call('EXISTS', KEYS[n + i]) == 1 then
+      redis.call('INCRBY', KEYS[n + i], after - before)
     end
   end
 end
@@ -160,4 +196,6 @@ class RedisLimitBackend:
         self._base = f"{self._prefix}limit:{key_id(api_key)}"
 
     def _keys(self, windows: list[Window]) -> list[str]:
-        return [f"{self._base}:{window.name}" for window in windows]
+        """Every window's sorted set, then every window's running total."""
+        sets = [f"{self._base}:{window.name}" for window in windows]
+        return [*sets, *(f"{key}:sum" for key in sets)]
