@@ -5,6 +5,7 @@
 #
 #   scripts/bench-limiter.sh [--rpm 600] [--nodes 3] [--seconds 60]
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 ensure_redis_server

@@ -6,6 +6,7 @@
 #   scripts/chaos.sh [--tasks 1000] [--nodes 2] [--kills 2] [--sigterms 1]
 #                    [--redis-restarts 1] [--concurrency 16] [--seed 1]
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 ensure_redis_server

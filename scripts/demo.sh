@@ -8,6 +8,7 @@
 # Nothing here reaches the real API: the node is pointed at the simulator and
 # given an obviously fake key.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 tasks_file=${1:-examples/tasks.jsonl}
@@ -18,6 +19,7 @@ ensure_venv
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/mesh-demo.XXXXXX")
 pids=()
+# shellcheck disable=SC2317 # run by the trap below
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared set-up for the scripts: a virtualenv with the project and its
 # development tools, and a redis-server binary. Sourced, not run.
 
@@ -29,7 +30,7 @@ ensure_venv() {
   python=$(find_python)
   say "setting up $venv ..."
   [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-  if ! "$venv/bin/python" -m pip install --quiet -e "$repo_root[dev]" \
+  if ! "$venv/bin/python" -m pip install --quiet -e "${repo_root}[dev]" \
     >"$venv/install.log" 2>&1; then
     cat "$venv/install.log" >&2
     say "installing the project into $venv failed; the log is above"
@@ -38,25 +39,31 @@ ensure_venv() {
   echo "$digest" >"$stamp"
 }
 
-# Installs redis-server from the distribution when it is missing.
-ensure_redis_server() {
-  command -v redis-server >/dev/null 2>&1 && return 0
-  say "redis-server is missing; installing it ..."
+# Installs a command from the distribution when it is missing:
+# ensure_command COMMAND [APT_PACKAGE [APK_PACKAGE [DNF_PACKAGE [BREW_FORMULA]]]]
+ensure_command() {
+  local command=$1 apt=${2:-$1} apk=${3:-${2:-$1}} dnf=${4:-${2:-$1}} brew=${5:-${2:-$1}}
+  command -v "$command" >/dev/null 2>&1 && return 0
+  say "$command is missing; installing it ..."
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   if command -v apt-get >/dev/null 2>&1; then
-    $sudo apt-get update -qq && $sudo apt-get install -y -qq redis-server >/dev/null
+    $sudo apt-get update -qq && $sudo apt-get install -y -qq "$apt" >/dev/null
   elif command -v apk >/dev/null 2>&1; then
-    $sudo apk add --quiet redis
+    $sudo apk add --quiet "$apk"
   elif command -v dnf >/dev/null 2>&1; then
-    $sudo dnf install -y -q redis
+    $sudo dnf install -y -q "$dnf"
   elif command -v brew >/dev/null 2>&1; then
-    brew install redis
+    brew install "$brew"
   fi
-  command -v redis-server >/dev/null 2>&1 || {
-    say "could not install redis-server; install it and run this again"
+  command -v "$command" >/dev/null 2>&1 || {
+    say "could not install $command; install it and run this again"
     return 1
   }
+}
+
+ensure_redis_server() {
+  ensure_command redis-server redis-server redis redis redis
 }
 
 # Prints a TCP port on 127.0.0.1 that is free right now.

@@ -3,10 +3,13 @@
 # redis-server and the simulator that the tests start themselves. Extra
 # arguments go to pytest.
 set -euo pipefail
+# shellcheck source=scripts/lib.sh
 source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 
 ensure_redis_server
+# The egress tests make a throwaway TLS certificate with it.
+ensure_command openssl
 ensure_venv
 
 say "== ruff check"
