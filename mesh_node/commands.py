@@ -145,8 +145,9 @@ async def _close(
     if api is not None:
         await api.close()
     if executor is not None:
-        # Blocks for at most its flush timeout; nothing else runs by now.
-        executor.observer.telemetry.shutdown()
+        # Off the loop, which keeps answering signals (a second SIGTERM is
+        # a request, not a kill) while the flush runs its bounded course.
+        await asyncio.to_thread(executor.observer.telemetry.shutdown)
 
 
 def _worker(
