@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .egress import EgressProxy, ProxyError
 from .errors import ConfigError
@@ -39,6 +40,7 @@ from .settings import (
 DISALLOWED_PROBE = ("example.com", 443)
 # Mount points whose size limit proves the workspace cannot fill the host.
 MAX_WORKSPACE_BYTES = 1 << 30
+DEFAULT_API_URL = "https://api.anthropic.com"
 
 
 class Status(enum.StrEnum):
@@ -144,32 +146,41 @@ def run_audit(
     """Runs every check; never raises for what it finds."""
     env = env or Environment()
     report = Report()
-    checks: list[Callable[[], Check]] = [
-        _not_root,
-        partial(_no_new_privileges, env),
-        partial(_no_capabilities, env),
-        partial(_seccomp, env),
-        partial(_read_only_root, env),
-        partial(_workspace, env, settings.workspace_dir),
-        *(partial(_cgroup_limit, env, r) for r in ("memory", "cpu", "pids")),
-        partial(_api_key, env),
-        partial(_no_default_route, env, settings.network_restricted),
+    checks: list[tuple[str, Callable[[], Check]]] = [
+        ("not_root", _not_root),
+        ("no_new_privileges", partial(_no_new_privileges, env)),
+        ("no_capabilities", partial(_no_capabilities, env)),
+        ("seccomp", partial(_seccomp, env)),
+        ("read_only_root", partial(_read_only_root, env, settings.read_only_mode)),
+        ("workspace_tmpfs", partial(_workspace, env, settings.workspace_dir)),
+        ("memory_limit", partial(_cgroup_limit, env, "memory", settings)),
+        ("cpu_limit", partial(_cgroup_limit, env, "cpu", settings)),
+        ("pids_limit", partial(_cgroup_limit, env, "pids", settings)),
+        ("api_key", partial(_api_key, env)),
+        ("api_host_allowed", partial(_api_host_allowed, settings)),
+        (
+            "no_direct_route",
+            partial(_no_default_route, env, settings.network_restricted),
+        ),
         *_egress_checks(settings, egress),
-        _vulnerability_scan,
+        ("vulnerability_scan", _vulnerability_scan),
     ]
-    for check in checks:
+    for name, check in checks:
         try:
-            report.checks.append(check())
+            outcome = check()
         except Exception as exc:
-            name = getattr(check, "func", check).__name__.strip("_")
-            report.checks.append(
-                Check(
-                    name,
-                    Status.FAIL,
-                    True,
-                    f"the check itself failed: {type(exc).__name__}",
-                )
+            outcome = Check(
+                name,
+                Status.FAIL,
+                True,
+                f"the check itself failed: {type(exc).__name__}",
             )
+        if not settings.sandbox_mode and outcome.required:
+            # Outside a sandbox (sandboxMode false, for development) the
+            # checks still say what they find, and fail nothing.
+            status = Status.WARN if outcome.status is Status.FAIL else outcome.status
+            outcome = Check(outcome.name, status, False, outcome.found)
+        report.checks.append(outcome)
     return report
 
 
@@ -185,9 +196,12 @@ def _no_new_privileges(env: Environment) -> Check:
 
 
 def _no_capabilities(env: Environment) -> Check:
+    # A non-root process has no effective capabilities anyway; the bounding
+    # set is what `--cap-drop ALL` empties, and what exec of a setuid or
+    # file-capability binary could otherwise draw on.
     effective = env.status_field("CapEff") or ""
     bounding = env.status_field("CapBnd") or ""
-    none = _is_zero_mask(effective)
+    none = _is_zero_mask(effective) and _is_zero_mask(bounding)
     found = f"effective {effective or '?'}, bounding {bounding or '?'}"
     return Check("no_capabilities", _ok(none), True, found)
 
@@ -199,15 +213,15 @@ def _seccomp(env: Environment) -> Check:
     return Check("seccomp", _ok(mode in ("1", "2")), True, found)
 
 
-def _read_only_root(env: Environment) -> Check:
+def _read_only_root(env: Environment, required: bool) -> Check:
     root = [m for m in env.mounts() if m[0] == "/"]
     options = root[-1][2].split(",") if root else []
     probe = _write_probe(Path("/"))
     ok = "ro" in options and probe == "refused: read-only file system"
     return Check(
         "read_only_root",
-        _ok(ok),
-        True,
+        _ok(ok, required),
+        required,
         f"/ mounted {'ro' if 'ro' in options else 'rw'}; write probe {probe}",
     )
 
@@ -235,7 +249,7 @@ def _workspace(env: Environment, workspace: str) -> Check:
     total = _statvfs_bytes(workspace)
     ok = fstype == "tmpfs" and total is not None and total <= MAX_WORKSPACE_BYTES
     writable = _write_probe(Path(workspace)) == "succeeded"
-    size_text = f"{total / 1_048_576:.0f} MB" if total is not None else "unknown size"
+    size_text = f"{total / 1_048_576:.0f} MiB" if total is not None else "unknown size"
     return Check(
         "workspace_tmpfs",
         _ok(ok and writable),
@@ -253,12 +267,36 @@ def _statvfs_bytes(path: str) -> int | None:
     return stats.f_blocks * stats.f_frsize
 
 
-def _cgroup_limit(env: Environment, resource: str) -> Check:
+def _cgroup_limit(env: Environment, resource: str, settings: Settings) -> Check:
     limit = _cgroup_v2_limit(env, resource) or _cgroup_v1_limit(env, resource)
     name = f"{resource}_limit"
     if limit is None:
         return Check(name, Status.FAIL, True, f"no {resource} limit in the cgroup")
+    if resource == "memory":
+        cap = settings.max_memory_mb
+        limit_bytes = _memory_limit_bytes(env)
+        if limit_bytes is not None and limit_bytes > cap * 1_048_576:
+            return Check(name, Status.FAIL, True, f"{limit}, above maxMemoryMB ({cap})")
     return Check(name, Status.PASS, True, limit)
+
+
+def _memory_limit_bytes(env: Environment) -> int | None:
+    for path, name in (
+        (_own_cgroup(env, ""), "memory.max"),
+        (_own_cgroup(env, "memory"), "memory.limit_in_bytes"),
+    ):
+        value = _read(path / name) if path is not None else None
+        if value is not None and value.isdigit():
+            return int(value)
+    return None
+
+
+def _api_host_allowed(settings: Settings) -> Check:
+    host = urlsplit(settings.api_base_url or DEFAULT_API_URL).hostname or "?"
+    required = settings.network_restricted
+    ok = host in settings.allowed_apis
+    found = f"{host} {'is' if ok else 'is not'} in allowedApis"
+    return Check("api_host_allowed", _ok(ok, required), required, found)
 
 
 def _cgroup_v2_limit(env: Environment, resource: str) -> str | None:
@@ -310,12 +348,15 @@ def _own_cgroup(env: Environment, controller: str) -> Path | None:
         return None
     for line in lines:
         _number, controllers, path = line.split(":", 2)
-        if controllers.split(",") == [controller] or (
-            controller == "" and controllers == ""
-        ):
-            base = env.cgroup_root if controller == "" else env.cgroup_root / controller
-            if controller == "" and (env.cgroup_root / "unified").is_dir():
-                base = env.cgroup_root / "unified"
+        if controller == "" and controllers == "":
+            unified = env.cgroup_root / "unified"
+            bases = [unified if unified.is_dir() else env.cgroup_root]
+        elif controller and controller in controllers.split(","):
+            # v1 mounts a controller alone or with others (`cpu,cpuacct`).
+            bases = [env.cgroup_root / controller, env.cgroup_root / controllers]
+        else:
+            continue
+        for base in bases:
             # Inside a cgroup namespace the path is "/", the mount's root.
             for candidate in (base / path.lstrip("/"), base):
                 if candidate.is_dir():
@@ -374,7 +415,7 @@ def _no_default_route(env: Environment, required: bool) -> Check:
 
 def _egress_checks(
     settings: Settings, egress: EgressProxy | None
-) -> list[Callable[[], Check]]:
+) -> list[tuple[str, Callable[[], Check]]]:
     required = settings.network_restricted
     if egress is None:
         missing = Check(
@@ -383,16 +424,27 @@ def _egress_checks(
             required,
             "no egress proxy configured (egressProxy, MESH_EGRESS_PROXY)",
         )
-        return [lambda: missing]
-    checks: list[Callable[[], Check]] = [
-        partial(_allowed, egress, host, required) for host in settings.allowed_apis
+        return [("egress_proxy", lambda: missing)]
+    checks: list[tuple[str, Callable[[], Check]]] = [
+        (f"egress_allows {host}:443", partial(_allowed, egress, host, required))
+        for host in settings.allowed_apis
     ]
     disallowed_host, disallowed_port = DISALLOWED_PROBE
     checks.append(
-        partial(_refused, egress, disallowed_host, disallowed_port, required=required)
+        (
+            f"egress_refuses {disallowed_host}:{disallowed_port}",
+            partial(
+                _refused, egress, disallowed_host, disallowed_port, required=required
+            ),
+        )
     )
     first = settings.allowed_apis[0] if settings.allowed_apis else "api.anthropic.com"
-    checks.append(partial(_refused, egress, first, 80, required=required))
+    checks.append(
+        (
+            f"egress_refuses {first}:80",
+            partial(_refused, egress, first, 80, required=required),
+        )
+    )
     return checks
 
 

@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .producer import read_payloads, stream_end, wait_for_results
 from .producer import submit as submit_tasks
 from .redis_link import RedisLink, connect, connect_once
-from .settings import Settings, load_settings, resolve_api_key
+from .settings import API_KEY_VARIABLES, Settings, load_settings, resolve_api_key
 
 if TYPE_CHECKING:
     import anthropic
@@ -97,6 +97,9 @@ def _executor(
     rotating = RotatingKey(os.environ)
     key = rotating.value
     logs.redact(key)
+    # Read once; no child process (a scanner, a shell) inherits it after.
+    for name in API_KEY_VARIABLES:
+        os.environ.pop(name, None)
     if settings.audit_log is not None:
         try:
             logs.route_audit(settings.audit_log)
@@ -432,13 +435,14 @@ async def audit(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(args)
+        egress = _egress(settings)
         configuration = Check("configuration", Status.PASS, True, "valid")
     except ConfigError as exc:
         # The other checks still say what they find, under the defaults.
-        settings = Settings()
+        settings, egress = Settings(), None
         found = "; ".join(str(exc).splitlines())
         configuration = Check("configuration", Status.FAIL, True, found)
-    report = await asyncio.to_thread(run_audit, settings, egress=_egress(settings))
+    report = await asyncio.to_thread(run_audit, settings, egress=egress)
     report.checks.insert(0, configuration)
     print(
         orjson.dumps(report.as_dict()).decode() if args.json else report.render(),

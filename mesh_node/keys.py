@@ -31,17 +31,22 @@ class RotatingKey:
         self._environ = dict(environ)
         self._path = environ.get(API_KEY_FILE_VARIABLE) or None
         self.value = resolve_api_key(environ).get_secret_value()
-        self._stamp = self._stat()
-        self._refused: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, ...] | None = self._stat()
+        self._refused: tuple[int, ...] | None = (0,)
 
     def changed(self) -> str | None:
         """The new key when the file now holds a different valid one, else None."""
         if self._path is None:
             return None
         stamp = self._stat()
-        if stamp == self._stamp or stamp is None or stamp == self._refused:
+        if stamp == self._stamp or stamp == self._refused:
             return None
         try:
+            if stamp is None:
+                raise ConfigError(
+                    f"configuration error: {API_KEY_FILE_VARIABLE}: {self._path} "
+                    "is gone"
+                )
             key = resolve_api_key(self._environ).get_secret_value()
         except ConfigError as exc:
             self._refused = stamp
@@ -56,11 +61,12 @@ class RotatingKey:
         self.value = key
         return key
 
-    def _stat(self) -> tuple[int, int, int] | None:
+    def _stat(self) -> tuple[int, ...] | None:
         if self._path is None:
             return None
         try:
             stat = os.stat(self._path)
         except OSError:
             return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        # The change time too: a file made unreadable changes only that.
+        return (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)

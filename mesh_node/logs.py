@@ -20,6 +20,9 @@ from opentelemetry import trace
 from .tasks import utc_timestamp
 
 AUDIT_LOGGER = "mesh_node.audit"
+# Shorter values would blot out ordinary words; `resolve_api_key` refuses
+# keys this short.
+MIN_SECRET_CHARS = 8
 
 # Values that must never reach a log line, whatever path they took to it (an
 # exception message, a library's warning): replaced before the line is written.
@@ -27,9 +30,14 @@ _secrets: set[str] = set()
 
 
 def redact(secret: str) -> None:
-    """Keeps `secret` out of every log line from now on."""
-    if len(secret) >= 8:
+    """Keeps `secret` out of every log line from now on.
+
+    The line is matched as written, JSON escapes and all, so the escaped form
+    of a key with a quote or a backslash is kept out too.
+    """
+    if len(secret) >= MIN_SECRET_CHARS:
         _secrets.add(secret)
+        _secrets.add(orjson.dumps(secret).decode()[1:-1])
 
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.

@@ -112,6 +112,7 @@ class Observer:
         self.telemetry = telemetry or Telemetry()
         self._destination = destination or Destination("tasks")
         self._span_name = f"process {self._destination.name}"
+        self._node = node_id
         self._base = {**self._destination.attributes(), "messaging.client.id": node_id}
         self._metric_base = self._destination.attributes()
         self.stream = StreamFigures()
@@ -266,7 +267,7 @@ class Observer:
                 ("output", call.output_tokens),
             ):
                 self._tokens.record(count, {**attributes, "gen_ai.token.type": kind})
-        audit_log.info("api.call", extra=call.audit_fields())
+        audit_log.info("api.call", extra={**call.audit_fields(), "node": self._node})
 
     def _observe_lag(self, _options: CallbackOptions) -> list[Observation]:
         lag = self.stream.lag

@@ -159,6 +159,28 @@ class Settings(BaseModel):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return url
 
+    @field_validator("egress_proxy")
+    @classmethod
+    def _egress_form(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "unix:///")):
+            raise ValueError("must be http://HOST:PORT or unix:///PATH")
+        return url
+
+    @model_validator(mode="after")
+    def _no_key_in_clear(self) -> Settings:
+        if (
+            self.egress_proxy is not None
+            and self.api_base_url is not None
+            and self.api_base_url.startswith("http://")
+        ):
+            # A proxy forwards a plain-HTTP request as it is, headers and
+            # all: the key would cross it in clear.
+            raise ValueError(
+                "apiBaseUrl: an http:// URL through the egress proxy would send "
+                "the API key in clear; use https://"
+            )
+        return self
+
     @property
     def claim_timeout_ms(self) -> int:
         """How long an entry sits idle before another consumer may claim it.
@@ -289,6 +311,10 @@ def _describe(
             source = path or "defaults"
         problem = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         problem = problem.removeprefix("Value error, ")
+        if not key:
+            # A rule across keys names its keys in its own message.
+            lines.append(f"configuration error: {problem}")
+            continue
         lines.append(f"configuration error: {key} ({source}): {problem}")
     return "\n".join(lines)
 
@@ -329,7 +355,10 @@ def resolve_api_key(environ: Mapping[str, str]) -> SecretStr:
 
 
 def _checked(key: str, source: str) -> SecretStr:
-    """Refuses a key that could never be sent as a header (two lines, a tab)."""
+    """Refuses a key that could never be sent as a header (two lines, a tab),
+    and one too short to be a key, which logs could not keep redacted."""
+    if len(key) < 8:
+        raise ConfigError(f"configuration error: {source}: too short to be an API key")
     if any(ch.isspace() or not ch.isprintable() for ch in key):
         raise ConfigError(
             f"configuration error: {source}: the key holds whitespace or control "

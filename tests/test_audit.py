@@ -92,12 +92,11 @@ def fake_proc(root: Path, *, v2: bool = True) -> Environment:
         (cgroups / "cpu.max").write_text("50000 100000\n")
         (cgroups / "pids.max").write_text("128\n")
     else:
-        (proc / "self" / "cgroup").write_text(
-            "5:pids:/\n4:memory:/\n2:cpu,cpuacct:/\n1:cpu:/\n"
-        )
+        # As most v1 hosts mount it: cpu together with cpuacct.
+        (proc / "self" / "cgroup").write_text("5:pids:/\n4:memory:/\n2:cpu,cpuacct:/\n")
         for controller, files in {
             "memory": {"memory.limit_in_bytes": "536870912"},
-            "cpu": {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"},
+            "cpu,cpuacct": {"cpu.cfs_quota_us": "50000", "cpu.cfs_period_us": "100000"},
             "pids": {"pids.max": "128"},
         }.items():
             (cgroups / controller).mkdir(parents=True)
@@ -139,7 +138,8 @@ def proxy_socket(tmp_path: Path) -> Path:
 def test_audit_checks_egress_through_the_proxy(
     node_env: dict[str, str], proxy_socket: Path
 ) -> None:
-    env = {**node_env, "MESH_EGRESS_PROXY": f"unix://{proxy_socket}"}
+    env = {k: v for k, v in node_env.items() if k != "ANTHROPIC_BASE_URL"}
+    env["MESH_EGRESS_PROXY"] = f"unix://{proxy_socket}"
     with connect_proxy(proxy_socket, {"api.anthropic.com:443": None}) as seen:
         _code, checks = audit(env)
     assert checks["egress_allows api.anthropic.com:443"]["status"] == "pass"
@@ -270,3 +270,43 @@ def test_api_calls_go_only_through_the_proxy_with_tls_end_to_end(
     assert set(seen.requests) == {"CONNECT api.anthropic.com:443 HTTP/1.1"}
     assert FAKE_KEY.encode() not in bytes(seen.tunnelled)
     assert b"169.254.169.254" not in bytes(seen.tunnelled)
+
+
+def test_audit_names_the_api_host_and_honours_sandbox_mode(
+    node_env: dict[str, str],
+) -> None:
+    # node_env points the SDK at the simulator on 127.0.0.1.
+    _code, checks = audit(node_env)
+    assert checks["api_host_allowed"] == {
+        "name": "api_host_allowed",
+        "status": "fail",
+        "required": True,
+        "found": "127.0.0.1 is not in allowedApis",
+    }
+    # Outside a sandbox on purpose: everything is said, nothing fails.
+    code, checks = audit({**node_env, "CLAUDE_SANDBOX_MODE": "false"})
+    assert code == 0
+    assert checks["api_host_allowed"]["status"] == "warn"
+    assert checks["read_only_root"]["status"] == "warn"
+    assert checks["configuration"]["status"] == "pass"
+
+
+def test_a_malformed_egress_proxy_fails_the_configuration_check(
+    node_env: dict[str, str],
+) -> None:
+    code, checks = audit({**node_env, "MESH_EGRESS_PROXY": "socks5://proxy:1080"})
+    assert code == 1
+    assert checks["configuration"]["found"] == (
+        "configuration error: egressProxy (MESH_EGRESS_PROXY): must be "
+        "http://HOST:PORT or unix:///PATH"
+    )
+
+
+def test_plain_http_through_the_proxy_is_refused(node_env: dict[str, str]) -> None:
+    env = {**node_env, "MESH_EGRESS_PROXY": "unix:///run/proxy.sock"}
+    done = run_command("interactive", env=env)
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith(
+        "mesh-node: configuration error: apiBaseUrl: an http:// URL through the "
+        "egress proxy would send the API key in clear; use https://"
+    )

@@ -69,13 +69,22 @@ def test_a_key_rotated_in_its_file_is_used_without_a_restart(
     add_task(rdb, prefix, {"id": "blank", "prompt": "hi"})
     failed = node.wait_for_event("api_key.rotation_failed")
     assert failed["reason"].endswith("is empty")
+    key_file.unlink()
+    add_task(rdb, prefix, {"id": "gone", "prompt": "hi"})
+    wait_for(
+        lambda: node.event_names().count("api_key.rotation_failed") == 2,
+        timeout_s=20,
+        what="a second rotation_failed",
+    )
+    gone = [e for e in node.events if e.get("event") == "api_key.rotation_failed"]
+    assert gone[1]["reason"].endswith("is gone")
 
     # Looked at again before the next call: no restart, no signal.
     replace(key_file, NEW_KEY + "\n")
     add_task(rdb, prefix, {"id": "after", "prompt": "hi"})
     rotated = node.wait_for_event("api_key.rotated")
     assert rotated["level"] == "warning"
-    wait_for(lambda: rdb.xlen(f"{prefix}results") >= 3, timeout_s=20, what="results")
+    wait_for(lambda: rdb.xlen(f"{prefix}results") >= 4, timeout_s=20, what="results")
     assert node.stop() == 0
 
     by_id = {r["taskId"]: r for r in stream_results(rdb, prefix)}
@@ -90,3 +99,28 @@ def test_a_key_rotated_in_its_file_is_used_without_a_restart(
     stderr = node.stderr_text()
     assert OLD_KEY not in stderr
     assert NEW_KEY not in stderr
+
+
+def test_a_key_is_kept_out_of_log_lines_even_when_escaped() -> None:
+    """A key with a quote or a backslash is redacted in its JSON-escaped form."""
+    import logging
+
+    from mesh_node import logs
+
+    key = 'sk-ant-test-"odd\\key-0123456789'
+    logs.redact(key)
+    record = logging.LogRecord("t", logging.ERROR, "", 0, "bad key %s", (key,), None)
+    line = logs.JsonFormatter().format(record)
+    assert "odd" not in line
+    assert "[redacted]" in line
+
+
+def test_a_key_too_short_to_redact_is_refused(node_env: dict[str, str]) -> None:
+    from .support import run_command
+
+    done = run_command("interactive", env={**node_env, "ANTHROPIC_API_KEY": "short"})
+    assert done.returncode == 2
+    assert done.stderr.decode() == (
+        "mesh-node: configuration error: ANTHROPIC_API_KEY: too short to be an API "
+        "key\n"
+    )
