@@ -212,3 +212,67 @@ build_image() {
   engine_command "$engine" build "${format[@]}" --network none \
     --build-arg "BASE_IMAGE=$base" --tag "$tag" --file "$dockerfile" "$repo_root"
 }
+
+# The egress proxy's policy, filled in by render_squid_conf.
+squid_template="$repo_root/config/squid.conf.template"
+
+# Prints the hosts of allowedApis in a security-config.json, one a line: the
+# node's default (api.anthropic.com) when the file names none. Each must be a
+# plain DNS name, since it becomes a word of the proxy's configuration.
+#
+# Args: CONFIG.
+allowed_apis() {
+  "$venv/bin/python" - "$1" <<'PYTHON'
+import json
+import re
+import sys
+
+path = sys.argv[1]
+with open(path, encoding="utf-8") as config:
+    hosts = json.load(config).get("allowedApis", ["api.anthropic.com"])
+label = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+name = re.compile(rf"{label}(?:\.{label})+")
+if not isinstance(hosts, list) or not hosts:
+    sys.exit(f"{path}: allowedApis names no host: the proxy would allow nothing")
+for host in hosts:
+    if not isinstance(host, str) or not name.fullmatch(host):
+        sys.exit(f"{path}: allowedApis: {host!r} is not a host name")
+print("\n".join(dict.fromkeys(host.lower() for host in hosts)))
+PYTHON
+}
+
+# Prints config/squid.conf.template with its placeholders filled in (on the
+# lines that are not comments); the template says what each one means.
+#
+# Args: LISTEN STATE_DIR HOSTS_FILE NAMESERVERS DEBUG_OPTIONS HOST...
+render_squid_conf() {
+  local listen=$1 state_dir=$2 hosts_file=$3 nameservers=$4 debug=$5 value
+  shift 5
+  [ $# -gt 0 ] || {
+    say "render_squid_conf: no allowed host"
+    return 1
+  }
+  # sed's replacement would read these characters as its own.
+  for value in "$listen" "$state_dir" "$hosts_file" "$nameservers" "$debug" "$@"; do
+    case $value in
+      '' | *[\|\&\\@]* | *$'\n'*)
+        say "render_squid_conf: refusing the value '$value'"
+        return 1
+        ;;
+    esac
+  done
+  local rendered
+  rendered=$(sed -e "/^[[:space:]]*#/!{
+s|@LISTEN@|$listen|g
+s|@ALLOWED@|$*|g
+s|@STATE_DIR@|$state_dir|g
+s|@HOSTS_FILE@|$hosts_file|g
+s|@NAMESERVERS@|$nameservers|g
+s|@DEBUG@|$debug|g
+}" "$squid_template")
+  if grep -v '^[[:space:]]*#' <<<"$rendered" | grep -q '@[A-Z_]*@'; then
+    say "render_squid_conf: $squid_template has a placeholder this script does not fill"
+    return 1
+  fi
+  printf '%s\n' "$rendered"
+}

@@ -22,9 +22,10 @@
 # shows it.
 #
 # The container has no network (MESH_NETWORK=none) unless told otherwise: the
-# node's only allowed way out is the egress proxy, which is not built yet, so
-# until then the API is out of its reach. MESH_NETWORK names an engine network
-# to use instead. `serve` needs Redis: MESH_REDIS_SOCKET=/path/to/redis.sock
+# node's only allowed way out is the egress proxy (config/squid.conf.template;
+# scripts/verify-container.sh shows it running on the host behind a unix
+# socket), which this script does not start or mount, so here the API is out
+# of its reach. MESH_NETWORK names an engine network to use instead. `serve` needs Redis: MESH_REDIS_SOCKET=/path/to/redis.sock
 # mounts that socket's directory and points the node at it; with a network,
 # REDIS_URL does. ANTHROPIC_BASE_URL, REDIS_URL, MESH_PREFIX, MESH_GROUP,
 # MESH_NODE_ID, MESH_CONCURRENCY and the OTEL_* exporter settings pass through
