@@ -6,6 +6,9 @@ These read the files alone; running the stack needs a Docker engine.
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ SIM_OVERRIDE = COMPOSE_DIR / "compose.sim.yml"
 COLLECTOR = ROOT / "config" / "otel-collector.yaml"
 DOCKERFILE = COMPOSE_DIR / "Dockerfile"
 
+BASH = shutil.which("bash") or "/bin/bash"
 SECRET = "anthropic_api_key"
 WORKSPACE = "/tmp/claude-work"
 
@@ -321,3 +325,56 @@ def test_image_user_and_workspace_match_the_compose_file(compose: Doc) -> None:
     assert last["WORKDIR"] == WORKSPACE
     assert last["ENTRYPOINT"] == '["mesh-node"]'
     assert last["CMD"] == '["serve"]'
+
+
+def test_the_node_goes_out_only_through_the_egress_proxy(compose: Doc) -> None:
+    """The node's proxy is the egress service, its only service with a way out."""
+    node = _service(compose, "node")
+    environment = node["environment"]
+    assert environment["MESH_EGRESS_PROXY"] == "http://egress:3128"
+    assert environment["MESH_AUDIT_ON_START"] == "enforce"
+    # No DNS beyond the stack's own names, and IPv6 closed as well as IPv4.
+    assert node["dns"] == ["127.0.0.1"]
+    assert node["sysctls"]["net.ipv6.conf.all.disable_ipv6"] == 1
+    egress = _service(compose, "egress")
+    networks = compose["networks"]
+    outside = {n for n, net in networks.items() if not (net or {}).get("internal")}
+    assert _networks(egress) == {"mesh", "outbound"}
+    assert networks["outbound"]["enable_ipv6"] is False
+    for name, service in compose["services"].items():
+        if name not in ("egress", "jaeger"):
+            assert not _networks(service) & outside, name
+    assert egress["read_only"] is True
+    assert egress["cap_drop"] == ["ALL"]
+    assert egress["security_opt"] == ["no-new-privileges:true"]
+
+
+def test_the_proxy_allows_connect_to_the_allowed_apis_only() -> None:
+    """The stack's Squid policy is current with allowedApis, and says no to the rest."""
+    fresh = subprocess.run(
+        [BASH, str(ROOT / "scripts" / "egress-config.sh"), "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    rules = [
+        line
+        for line in (ROOT / "config" / "squid.compose.conf").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    allowed = json.loads((ROOT / "config" / "security-config.json").read_text())
+    assert f"acl allowed_apis dstdomain -n {' '.join(allowed['allowedApis'])}" in rules
+    access = [line for line in rules if line.startswith("http_access")]
+    assert access == [
+        "http_access allow CONNECT api_port allowed_apis",
+        "http_access deny all",
+    ]
+    assert "acl api_port port 443" in rules
+    assert "cache deny all" in rules
+
+
+def test_the_sim_overlay_takes_the_node_off_the_proxy(sim: Doc) -> None:
+    environment = _service(sim, "node")["environment"]
+    assert environment["MESH_EGRESS_PROXY"] == ""
+    assert environment["ANTHROPIC_BASE_URL"] == "http://simulator:8787"
