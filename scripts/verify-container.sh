@@ -418,14 +418,16 @@ raise SystemExit(names != ["lo"])
 # kernel's log is quoted when it can be read.
 check_memory_limit() {
   local status=0 name="$run_id-memory" id oom reached kernel=""
-  run_hardened memory --no-healthcheck --entrypoint python3 "$image" -c '
+  # From the run's directory: podman's conmon leaves a file named `oom` in
+  # its working directory when the kernel kills the container.
+  (cd "$work" && run_hardened memory --no-healthcheck --entrypoint python3 "$image" -c '
 chunks = []
 for mib in range(1, 1025):
     chunks.append(b"x" * (1 << 20))
     if mib % 32 == 0:
         print(mib, flush=True)
 print("not stopped")
-' >"$work/memory.out" 2>&1 || status=$?
+') >"$work/memory.out" 2>&1 || status=$?
   id=$("${engine_cmd[@]}" inspect --format '{{.Id}}' "$name" 2>/dev/null || true)
   oom=$("${engine_cmd[@]}" inspect --format '{{.State.OOMKilled}}' "$name" 2>/dev/null || true)
   "${engine_cmd[@]}" rm --force "$name" >/dev/null 2>&1 || true
