@@ -226,6 +226,8 @@ async def serve(args: argparse.Namespace) -> int:
             node_id=settings.node_id,
             retention_s=settings.result_retention_s,
             claim_timeout_ms=settings.claim_timeout_ms,
+            results_max_len=settings.results_max_len,
+            dead_max_len=settings.dead_max_len,
         )
         destination = Destination(keys.tasks, "redis", settings.group)
         executor, api = _executor(settings, destination, (client, intake.link))

@@ -21,6 +21,11 @@ DEFAULT_MAX_PROMPT_BYTES = 524_288
 # 32 kB of text); an answer past it is refused, not cut.
 DEFAULT_MAX_RESPONSE_BYTES = 1_048_576
 DEFAULT_RESULT_RETENTION_S = 86_400
+# The results and dead-letter streams are trimmed to about this many entries:
+# a day's results at one a second, and a bound on Redis's memory whatever
+# the node's history.
+DEFAULT_RESULTS_MAX_LEN = 100_000
+DEFAULT_DEAD_MAX_LEN = 10_000
 DEFAULT_MAX_ATTEMPTS = 4
 DEFAULT_RETRY_MAX_TOTAL_S = 120.0
 DEFAULT_GRACE_PERIOD_S = 25.0

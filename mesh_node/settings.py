@@ -130,6 +130,8 @@ class Settings(BaseModel):
     result_retention_s: int = Field(
         c.DEFAULT_RESULT_RETENTION_S, alias="resultRetentionS", ge=1
     )
+    results_max_len: int = Field(c.DEFAULT_RESULTS_MAX_LEN, alias="resultsMaxLen", ge=0)
+    dead_max_len: int = Field(c.DEFAULT_DEAD_MAX_LEN, alias="deadLettersMaxLen", ge=0)
     retry: Retry = Field(default_factory=Retry, alias="retry")
     budget: Budget = Field(default_factory=Budget, alias="budget")
     grace_period_s: float = Field(c.DEFAULT_GRACE_PERIOD_S, alias="gracePeriodS", ge=0)

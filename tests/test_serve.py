@@ -14,6 +14,7 @@ from .support import (
     start_command,
     stream_results,
     wait_for,
+    with_config,
 )
 
 
@@ -44,6 +45,8 @@ def test_two_hundred_tasks_get_one_result_each(
         assert usage["input_tokens"] > 0
         assert usage["output_tokens"] > 0
     assert rdb.xpending(f"{prefix}tasks", "mesh-nodes")["pending"] == 0
+    # Acknowledged entries are deleted as they are settled.
+    assert rdb.xlen(f"{prefix}tasks") == 0
     stored = rdb.get(f"{prefix}result:bulk-7")
     assert stored is not None
     assert json.loads(stored)["taskId"] == "bulk-7"
@@ -130,3 +133,31 @@ def test_backpressure_reads_no_more_than_free_slots(
     assert node.stop() == 0
     assert rdb.xlen(f"{prefix}results") == 12
     assert 1 <= highest <= 3
+
+
+def test_the_results_stream_is_trimmed(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str, started: list[Process]
+) -> None:
+    """resultsMaxLen bounds the results stream; every result is still stored."""
+    env = with_config(node_env, resultsMaxLen=10)
+    pipe = rdb.pipeline()
+    for n in range(300):
+        pipe.xadd(
+            f"{prefix}tasks", {"task": json.dumps({"id": f"t{n}", "prompt": "x"})}
+        )
+    pipe.execute()
+    node = start_command("serve", "--concurrency", "32", env=env)
+    started.append(node)
+    wait_for(
+        lambda: (
+            all(rdb.exists(f"{prefix}result:t{n}") for n in (0, 150, 299))
+            and rdb.xlen(f"{prefix}tasks") == 0
+        ),
+        timeout_s=60,
+        what="300 tasks settled",
+    )
+    assert node.stop() == 0
+    assert sum(1 for _ in rdb.scan_iter(match=f"{prefix}result:*", count=1000)) == 300
+    # Trimming is approximate (whole stream nodes of 100 entries at a time),
+    # so a little over the limit stays.
+    assert rdb.xlen(f"{prefix}results") <= 10 + 100

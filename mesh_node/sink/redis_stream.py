@@ -29,11 +29,16 @@ from . import Start
 
 log = logging.getLogger(__name__)
 
+# An entry is deleted from the task stream as it is acknowledged: the stream
+# then holds only work not yet done, and its memory stays bounded by the
+# backlog, not by the node's history.
+
 # KEYS: result key, lease key, tasks stream. ARGV: token, lease ms, group, entry.
 # Returns 1 run, 2 done, 3 another entry of the id runs, 0 this entry runs elsewhere.
 _ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then
   redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+  redis.call('XDEL', KEYS[3], ARGV[4])
   return 2
 end
 local holder = redis.call('GET', KEYS[2])
@@ -46,6 +51,7 @@ if string.sub(holder, -string.len(suffix)) == suffix then
   return 0
 end
 redis.call('XACK', KEYS[3], ARGV[3], ARGV[4])
+redis.call('XDEL', KEYS[3], ARGV[4])
 return 3
 """
 _STARTS = {
@@ -56,21 +62,29 @@ _STARTS = {
 }
 
 # KEYS: tasks, results, then the result key and the lease key when the result
-# has a task id. ARGV: group, entry, task id, result JSON, retention s, token.
+# has a task id. ARGV: group, entry, task id, result JSON, retention s, token,
+# the results stream's MAXLEN (0: untrimmed).
 _SETTLE = """
 local has_id = #KEYS == 4
 if has_id then
   if redis.call('GET', KEYS[4]) == ARGV[6] then redis.call('DEL', KEYS[4]) end
   if redis.call('EXISTS', KEYS[3]) == 1 then
     redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+    redis.call('XDEL', KEYS[1], ARGV[2])
     return 0
   end
 end
-redis.call('XADD', KEYS[2], '*', 'taskId', ARGV[3], 'result', ARGV[4])
+if tonumber(ARGV[7]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*',
+    'taskId', ARGV[3], 'result', ARGV[4])
+else
+  redis.call('XADD', KEYS[2], '*', 'taskId', ARGV[3], 'result', ARGV[4])
+end
 if has_id then
   redis.call('SET', KEYS[3], ARGV[4], 'EX', ARGV[5])
 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 
@@ -108,6 +122,10 @@ class RedisStreamSink:
         node_id: this node's consumer name; part of every lease token.
         retention_s: how long a stored result keeps its id idempotent.
         claim_timeout_ms: the lease's life; the keeper renews at a quarter of it.
+        results_max_len: the results stream is trimmed to about this many
+            entries (0: never); a producer reads its results by then, or finds
+            them stored under `result:{id}`.
+        dead_max_len: the same for the dead-letter stream.
     """
 
     def __init__(
@@ -120,8 +138,12 @@ class RedisStreamSink:
         node_id: str,
         retention_s: int,
         claim_timeout_ms: int,
+        results_max_len: int = c.DEFAULT_RESULTS_MAX_LEN,
+        dead_max_len: int = c.DEFAULT_DEAD_MAX_LEN,
     ) -> None:
         self._client = client
+        self._results_max_len = results_max_len
+        self._dead_max_len = dead_max_len
         self._link = link
         self._keys = keys
         self._group = group
@@ -173,7 +195,12 @@ class RedisStreamSink:
 
         async def move() -> None:
             pipe = self._client.pipeline(transaction=True)
-            pipe.xadd(self._keys.dead, fields)
+            pipe.xadd(
+                self._keys.dead,
+                fields,
+                maxlen=self._dead_max_len or None,
+                approximate=True,
+            )
             await self._settle(keys=keys, args=args, client=pipe)
             await pipe.execute()
 
@@ -216,6 +243,7 @@ class RedisStreamSink:
             result.to_json(),
             self._retention_s,
             token,
+            self._results_max_len,
         ]
         return keys, args
 
