@@ -152,6 +152,9 @@ def test_sigterm_leaves_unfinished_tasks_pending(
     assert _pending(rdb, prefix) == 5
     assert node.event_names().count("task.released") == 5
     assert rdb.keys(f"{prefix}lease:*") == []
+    # Its consumer stays in the group while it holds entries, or they would go.
+    (consumer,) = rdb.xinfo_consumers(f"{prefix}tasks", "mesh-nodes")
+    assert consumer["pending"] == 5
 
 
 def test_too_many_deliveries_go_to_dead_letters(

@@ -79,8 +79,10 @@ def test_status_shows_the_stream_the_nodes_the_last_minute_and_the_limits(
     assert by_window["requests_per_minute"]["limit"] == 100_000
 
     assert node.stop() == 0
-    # A node that stopped takes its heartbeat with it.
+    # A node that stopped takes its heartbeat with it, and, holding nothing,
+    # leaves the group.
     assert status(env)["nodes"] == []
+    assert rdb.xinfo_consumers(f"{prefix}tasks", "mesh-nodes") == []
 
 
 def test_status_shows_why_a_key_is_paused(

@@ -11,12 +11,13 @@ qualify, because their holder keeps resetting their idle time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from ..constants import FIELD_TASK, FIELD_TRACEPARENT, READ_BLOCK_MS, Keys
 from ..errors import RedisUnavailableError
@@ -109,7 +110,27 @@ class RedisStreamIntake:
             self._handed.discard(delivery.entry_id)
 
     async def close(self) -> None:
-        """The client belongs to the caller; nothing to release here."""
+        """Leaves the group when this consumer holds nothing.
+
+        A node's id names its consumer, and a host-and-pid id is new with
+        every start: without this, the group would keep a consumer for every
+        run a node ever had. One that still holds entries stays, so that
+        they are reclaimed as usual (deleting it would drop them).
+        """
+        with contextlib.suppress(RedisError, OSError):
+            async with asyncio.timeout(2):
+                held: Any = await self._client.xpending_range(
+                    self._keys.tasks,
+                    self._group,
+                    min="-",
+                    max="+",
+                    count=1,
+                    consumername=self._consumer,
+                )
+                if not held:
+                    await self._client.xgroup_delconsumer(
+                        self._keys.tasks, self._group, self._consumer
+                    )
 
     async def _read(self, max_count: int) -> list[Delivery]:
         reply: Any = await self._client.xreadgroup(
