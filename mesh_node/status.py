@@ -87,11 +87,30 @@ async def _stream(client: aioredis.Redis, key: str, group: str) -> dict[str, Any
 
 
 async def _nodes(
-    client: aioredis.Redis, keys: c.Keys, now_ms: int
+    client: aioredis.Redis,
+    keys: c.Keys,
+    now_ms: int,
+    match: str = "*",
+    node_id: str | None = None,
 ) -> list[dict[str, Any]]:
+    """The heartbeats whose node ids match the glob `match` (or the one of
+    `node_id`, read directly), in one round trip."""
+    found: list[Any] = (
+        [keys.node(node_id)]
+        if node_id is not None
+        else [
+            key
+            async for key in client.scan_iter(
+                match=_glob(keys.node("")) + match, count=500
+            )
+        ]
+    )
+    pipe = client.pipeline(transaction=False)
+    for key in found:
+        pipe.hgetall(key)
     nodes = []
-    async for key in client.scan_iter(match=_glob(keys.node("")) + "*", count=500):
-        fields = {_text(k): _text(v) for k, v in (await client.hgetall(key)).items()}
+    for key, raw in zip(found, await pipe.execute() if found else [], strict=True):
+        fields = {_text(k): _text(v) for k, v in raw.items()}
         if not fields:
             continue
         seen_ms = _int(fields.get("seen_ms"))
@@ -196,12 +215,20 @@ async def health(
     """
     seconds, micros = await client.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    nodes = await _nodes(client, keys, now_ms)
+    # A container's check runs every 30 s beside every node: it reads its
+    # own node's heartbeat, not the whole mesh's, where it can.
     if node_id is not None:
+        nodes = await _nodes(client, keys, now_ms, node_id=node_id)
         mine = [node for node in nodes if node["node"] == node_id]
         whose = f"node {node_id}"
     else:
+        # Default node ids are host-pid; a node named otherwise is found by
+        # the host its heartbeat records, at the cost of reading them all.
+        nodes = await _nodes(client, keys, now_ms, match=_glob(host) + "-*")
         mine = [node for node in nodes if node.get("host") == host]
+        if not mine:
+            nodes = await _nodes(client, keys, now_ms)
+            mine = [node for node in nodes if node.get("host") == host]
         whose = f"a node on host {host}"
     if not mine:
         return False, f"unhealthy: no heartbeat from {whose} in Redis"
