@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         logs.configure(_log_level(args.log_level))
-        return asyncio.run(command(args))
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            return runner.run(command(args))
     except ConfigError as exc:
         print(f"mesh-node: {'; '.join(str(exc).splitlines())}", file=sys.stderr)
         return EXIT_USAGE
@@ -57,6 +58,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # through the same redaction, never as a bare traceback.
         log.exception("node.crashed")
         return EXIT_FAILURE
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed, asyncio's otherwise.
+
+    uvloop spends less CPU on every socket read and callback, a few hundred
+    microseconds per task at the node's rates; `MESH_EVENT_LOOP=asyncio`
+    keeps the standard loop.
+    """
+    choice = os.environ.get("MESH_EVENT_LOOP", "uvloop")
+    if choice not in ("uvloop", "asyncio"):
+        raise ConfigError(
+            "configuration error: MESH_EVENT_LOOP: must be uvloop or asyncio"
+        )
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _log_level(level: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -31,12 +32,12 @@ from .redis_link import RedisLink, connect, connect_once
 from .settings import API_KEY_VARIABLES, Settings, load_settings, resolve_api_key
 
 if TYPE_CHECKING:
-    import anthropic
     import redis.asyncio as aioredis
 
     from .executor import Executor
     from .intake import Intake
     from .observe import Destination
+    from .sdk import PendingClient
     from .sink import Sink
     from .worker import Worker
 
@@ -77,13 +78,13 @@ def _executor(
     settings: Settings,
     destination: Destination,
     redis: tuple[aioredis.Redis, RedisLink] | None = None,
-) -> tuple[Executor, anthropic.AsyncAnthropic]:
+) -> tuple[Executor, PendingClient]:
     """The executor, with its telemetry, and a limiter shared through Redis
-    when there is one. `_close` undoes it."""
-    # The node's own modules import the SDK, which is slow to import; only the
-    # commands that call the API pay for it.
-    import anthropic
+    when there is one. `_close` undoes it.
 
+    The SDK client is built in a thread (see `sdk`): the caller goes on
+    starting up meanwhile, and the first API call waits for it.
+    """
     from . import telemetry
     from .executor import Executor
     from .keys import RotatingKey
@@ -93,6 +94,7 @@ def _executor(
     from .ratelimit.memory import MemoryLimitBackend
     from .ratelimit.redis_backend import RedisLimitBackend
     from .retrying import RetryPolicy
+    from .sdk import PendingClient, build
 
     rotating = RotatingKey(os.environ)
     key = rotating.value
@@ -119,13 +121,15 @@ def _executor(
         settings.node_id,
     )
     egress = _egress(settings)
-    http_client = egress.http_client() if egress is not None else None
-    client = anthropic.AsyncAnthropic(
-        api_key=key,
-        base_url=settings.api_base_url,
-        max_retries=0,
-        open_telemetry=observer.telemetry.sdk_option(),
-        http_client=http_client,
+    client = PendingClient(
+        functools.partial(
+            build,
+            api_key=key,
+            base_url=settings.api_base_url,
+            concurrency=settings.concurrency,
+            open_telemetry=observer.telemetry.sdk_option(),
+            egress=egress,
+        )
     )
     policy = RetryPolicy(
         max_attempts=settings.retry.max_attempts, max_total_s=settings.retry.max_total_s
@@ -142,9 +146,7 @@ def _lost(executor: Executor) -> dict[str, int]:
     return {"spans_dropped": counts.spans_dropped, "spans_failed": counts.spans_failed}
 
 
-async def _close(
-    executor: Executor | None, api: anthropic.AsyncAnthropic | None
-) -> None:
+async def _close(executor: Executor | None, api: PendingClient | None) -> None:
     if api is not None:
         await api.close()
     if executor is not None:
@@ -174,16 +176,44 @@ def _worker(
         max_deliveries=settings.max_deliveries,
         stopping=stopping,
         hold=executor.limiter.budget_wait_s,
+        ready=lambda: _started(settings),
     )
     on_stop_signals(worker.stop)
     return worker
 
 
-async def _run(settings: Settings, worker: Worker) -> Worker:
+def _started(settings: Settings) -> None:
+    """Logs that the node takes tasks now, and what it runs on."""
+    from .sdk import transport_name
+
     log.info(
         "node.started",
-        extra={"node": settings.node_id, "concurrency": settings.concurrency},
+        extra={
+            "node": settings.node_id,
+            "concurrency": settings.concurrency,
+            "http_transport": transport_name(_egress(settings)),
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+            "startup_s": _since_process_start_s(),
+        },
     )
+
+
+def _since_process_start_s() -> float | None:
+    """Seconds since the kernel started this process, interpreter start-up
+    included; None where /proc does not say."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            # The fields after the command name, which may hold spaces;
+            # the start time is the 22nd field of the line.
+            start_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            uptime_s = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+
+
+async def _run(settings: Settings, worker: Worker) -> Worker:
     await worker.run()
     log.info("node.stopped", extra={"node": settings.node_id, **worker.counts})
     return worker
@@ -206,7 +236,7 @@ async def serve(args: argparse.Namespace) -> int:
     keys = c.Keys(settings.prefix)
     stopping = asyncio.Event()
     executor: Executor | None = None
-    api: anthropic.AsyncAnthropic | None = None
+    api: PendingClient | None = None
     beating: asyncio.Task[None] | None = None
     try:
         await client.ping()

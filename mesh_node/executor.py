@@ -14,11 +14,7 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, cast
-
-import anthropic
-from anthropic import Omit, omit
-from anthropic.types import Message, MessageParam, MetadataParam
+from typing import TYPE_CHECKING, Any, cast
 
 from . import logs
 from .errors import (
@@ -38,6 +34,12 @@ from .settings import Settings
 from .tasks import ResultError, ResultMetadata, Task, TaskResult, Usage, utc_timestamp
 from .telemetry import current_traceparent
 
+if TYPE_CHECKING:
+    import anthropic
+    from anthropic.types import Message, MessageParam, MetadataParam
+
+    from .sdk import PendingClient
+
 log = logging.getLogger(__name__)
 
 # Above this `max_tokens` an answer may take longer than the ten minutes a
@@ -50,7 +52,7 @@ class Executor:
     """Runs tasks against the Messages API under the node's policy.
 
     Args:
-        client: the SDK client, built with `max_retries=0`.
+        client: the SDK client, built with `max_retries=0`, or being built.
         settings: the node's settings (defaults, deadlines).
         policy: the retry policy.
         limiter: the rate limits and budgets of the API key.
@@ -60,7 +62,7 @@ class Executor:
 
     def __init__(
         self,
-        client: anthropic.AsyncAnthropic,
+        client: PendingClient,
         settings: Settings,
         policy: RetryPolicy,
         limiter: Limiter,
@@ -210,7 +212,7 @@ class Executor:
         self, task: Task, model: str, deadline_s: float, tries: _Tries
     ) -> Message:
         """One API call inside the limiter: reserve, call, settle what was used."""
-        self._rotate_key()
+        await self._rotate_key()
         call = tries.call
         reservation = await self.limiter.acquire(call, deadline_s=deadline_s)
         if reservation.waited_s > 0.001:
@@ -267,14 +269,14 @@ class Executor:
         await self.limiter.observe(headers)
         return message
 
-    def _rotate_key(self) -> None:
+    async def _rotate_key(self) -> None:
         """Takes up a key rotated in its file; calls under way keep the old one."""
         key = self._key.changed() if self._key is not None else None
         if key is None:
             return
         logs.redact(key)
         # A copy shares the connection pool; only the key differs.
-        self._client = self._client.with_options(api_key=key)
+        self._client.replace((await self._client.get()).with_options(api_key=key))
         self.limiter.rekey(key)
         log.warning("api_key.rotated", extra={"limits": "now counted for the new key"})
 
@@ -292,17 +294,20 @@ class Executor:
     async def _create(
         self, task: Task, model: str, deadline_s: float
     ) -> tuple[Message, Mapping[str, str]]:
+        client = await self._client.get()
+        import anthropic
+
         params = self._params(task, model, deadline_s)
         try:
             if params["max_tokens"] > STREAMING_MIN_TOKENS:
-                return await self._stream(params)
-            raw = await self._client.messages.with_raw_response.create(**params)
+                return await self._stream(client, params)
+            raw = await client.messages.with_raw_response.create(**params)
             return await raw.parse(), raw.headers
         except anthropic.APIError as exc:
             raise api_call_error(exc) from None
 
     async def _stream(
-        self, params: dict[str, Any]
+        self, client: anthropic.AsyncAnthropic, params: dict[str, Any]
     ) -> tuple[Message, Mapping[str, str]]:
         """A long answer, streamed and assembled into the same message.
 
@@ -310,9 +315,11 @@ class Executor:
         it like its status; after text has come, the answer is cut off and is
         reported with what arrived, not retried (it was already paid for).
         """
+        import anthropic
+
         parts: list[str] = []
         try:
-            async with self._client.messages.stream(**params) as stream:
+            async with client.messages.stream(**params) as stream:
                 async for text in stream.text_stream:
                     parts.append(text)
                 return await stream.get_final_message(), stream.response.headers
@@ -331,8 +338,8 @@ class Executor:
             "model": model,
             "max_tokens": self._max_tokens(task),
             "messages": cast("list[MessageParam]", task.turns()),
-            "system": task.system if task.system is not None else omit,
-            "stop_sequences": task.stop_sequences or omit,
+            "system": task.system if task.system is not None else _omit(),
+            "stop_sequences": task.stop_sequences or _omit(),
             "metadata": _metadata(task),
             "extra_body": extra,
             "timeout": max(0.001, deadline_s - time.monotonic()),
@@ -397,9 +404,15 @@ def _input_estimate(task: Task) -> int:
     return math.ceil(task.text_bytes() / 4) + 8
 
 
-def _metadata(task: Task) -> MetadataParam | Omit:
+def _omit() -> Any:
+    from anthropic import omit
+
+    return omit
+
+
+def _metadata(task: Task) -> MetadataParam | Any:
     if task.metadata is None or task.metadata.user_id is None:
-        return omit
+        return _omit()
     return {"user_id": task.metadata.user_id}
 
 

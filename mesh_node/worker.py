@@ -81,6 +81,8 @@ class Worker:
             its waits for Redis when it is set.
         hold: says how long to hold off taking new tasks (a spent budget);
             tasks stay where they are, unread, meanwhile.
+        ready: called once the intake and sink have started, before the
+            first read.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class Worker:
         max_deliveries: int,
         stopping: asyncio.Event | None = None,
         hold: Callable[[], Awaitable[float]] | None = None,
+        ready: Callable[[], None] | None = None,
     ) -> None:
         self._intake = intake
         self._sink = sink
@@ -105,6 +108,7 @@ class Worker:
         self._grace_period_s = grace_period_s
         self._max_deliveries = max_deliveries
         self._hold = hold
+        self._ready = ready
         self._holding = False
         self._in_flight: set[asyncio.Task[None]] = set()
         self.stopping = stopping or asyncio.Event()
@@ -152,6 +156,8 @@ class Worker:
         """Runs until the intake is exhausted or a stop is requested."""
         await self._intake.start()
         await self._sink.start()
+        if self._ready is not None:
+            self._ready()
         try:
             while not self.stopping.is_set() and not self._intake.exhausted:
                 free = await self._free_slots()
