@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from . import commands, logs
+from . import commands, logs, progress
 from . import constants as c
 from .commands import EXIT_FAILURE, EXIT_USAGE
 from .errors import ConfigError
@@ -45,7 +45,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        logs.configure(_log_level(args.log_level))
+        if command is commands.batch:
+            args.progress_bar = progress.wanted(args.progress)
+        # A progress bar would scroll away under a line per task: with one,
+        # only warnings and errors (and the audit trail) print above it.
+        quiet = getattr(args, "progress_bar", False)
+        logs.configure(_log_level(args.log_level or ("warning" if quiet else "info")))
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(command(args))
     except ConfigError as exc:
@@ -101,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "codes: 0 done, 1 runtime failure, 2 usage or configuration error. Results "
         "go to stdout, logs to stderr as JSON lines.",
     )
-    parser.set_defaults(log_level=os.environ.get("MESH_LOG_LEVEL", "info"))
+    parser.set_defaults(log_level=os.environ.get("MESH_LOG_LEVEL"))
     subparsers = parser.add_subparsers(
         title="commands", required=True, metavar="COMMAND"
     )
@@ -146,7 +151,7 @@ def _logging_option() -> argparse.ArgumentParser:
     common.add_argument(
         "--log-level",
         choices=LOG_LEVELS,
-        default=os.environ.get("MESH_LOG_LEVEL", "info"),
+        default=os.environ.get("MESH_LOG_LEVEL"),
         help="least severe log level written to stderr (env MESH_LOG_LEVEL; "
         "default info)",
     )
@@ -213,11 +218,31 @@ def _add_batch(subparsers: Any) -> None:
         parents=[_common(), _node_options()],
         help="run a file of tasks, one result line per task",
         description="Runs every task of a JSON-lines file or JSON array and "
-        "writes one result line per task as each finishes.",
+        "writes one result line per task as each finishes (or, with --ordered, "
+        "in input order). A JSON-lines file is read as it runs, so memory does not "
+        "grow with it; a JSON array is read whole.",
     )
     batch.add_argument("file", metavar="FILE", help="tasks file, or - for stdin")
     batch.add_argument(
         "--output", metavar="FILE", help="write results here instead of stdout"
+    )
+    batch.add_argument(
+        "--ordered",
+        action="store_true",
+        help="write results in input order instead of as each finishes",
+    )
+    batch.add_argument(
+        "--resume",
+        action="store_true",
+        help="append to --output, skipping the tasks whose ids it already answers "
+        "(cancelled results excepted)",
+    )
+    batch.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr: done, rate, errors, ETA (default auto: when "
+        "stderr is a terminal; log level then defaults to warning)",
     )
     batch.set_defaults(command=commands.batch)
 

@@ -305,19 +305,50 @@ async def batch(args: argparse.Namespace) -> int:
     from .observe import Destination
 
     settings = _settings(args)
+    if args.resume and args.output in (None, "-"):
+        raise ConfigError("--resume needs --output FILE: the results it reads back")
+    done_ids: set[str] = set()
+    if args.resume:
+        from .sink.lines import answered_ids
+
+        try:
+            done_ids = answered_ids(args.output)
+        except OSError as exc:
+            raise ConfigError(f"{args.output}: {exc.strerror}") from None
     name = "stdin" if args.file == "-" else os.path.basename(args.file)
     executor, api = _executor(settings, Destination(name))
     from .intake.lines import LineIntake
+    from .progress import Progress, count_tasks
     from .sink.lines import LineSink
 
     with ExitStack() as stack:
         source = _open(stack, args.file, "rb", sys.stdin.buffer)
-        target = _open(stack, args.output, "wb", sys.stdout.buffer)
+        target = _open(
+            stack, args.output, "ab" if args.resume else "wb", sys.stdout.buffer
+        )
+        progress = None
+        if args.progress_bar:
+            progress = Progress(count_tasks(source))
+            stack.callback(progress.close)
+            stack.enter_context(progress.logs_above())
+        sink = LineSink(
+            target,
+            ordered=args.ordered,
+            # Room for results that overtake a slow task: enough that the
+            # node keeps every slot busy past one straggler, bounded so that
+            # memory does not grow with the file.
+            window=4 * settings.concurrency,
+            done_ids=done_ids,
+            progress=progress,
+        )
         intake = LineIntake(
-            source.fileno(), max_line_bytes=settings.max_task_bytes, allow_array=True
+            source.fileno(),
+            max_line_bytes=settings.max_task_bytes,
+            allow_array=True,
+            on_finished=sink.finished,
         )
         try:
-            worker = _worker(settings, intake, LineSink(target), executor)
+            worker = _worker(settings, intake, sink, executor)
             await _run(settings, worker)
         finally:
             await _close(executor, api)
@@ -327,8 +358,8 @@ async def batch(args: argparse.Namespace) -> int:
         log.error(
             "batch.interrupted",
             extra={
-                "reason": "stopped before the end of "
-                "the file; later tasks have no result"
+                "reason": "stopped before the end of the file; later tasks "
+                "have no result (--resume with the same --output finishes them)"
             },
         )
         return EXIT_FAILURE

@@ -22,6 +22,7 @@ class Delivery:
         problem: a fault the intake found before parsing (an oversize line).
         deliveries: how many times the entry has been delivered, this time
             included.
+        seq: its position in a line input, from 0, for output in input order.
     """
 
     raw: bytes | None
@@ -30,6 +31,7 @@ class Delivery:
     traceparent: str | None = None
     problem: str | None = None
     deliveries: int = 1
+    seq: int = 0
 
 
 class Intake(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..jsonl import TaskReader
 from . import Delivery
@@ -27,14 +27,22 @@ class LineIntake:
         fd: the file descriptor the tasks come from; the caller closes it.
         max_line_bytes: longer lines are skipped unread and reported.
         allow_array: accept a JSON array of tasks (batch files) as well.
+        on_finished: told of every delivery the worker is done with, answered
+            or not (`LineSink.finished`).
     """
 
     redeliverable = False
 
     def __init__(
-        self, fd: int, *, max_line_bytes: int, allow_array: bool = False
+        self,
+        fd: int,
+        *,
+        max_line_bytes: int,
+        allow_array: bool = False,
+        on_finished: Callable[[Delivery], None] | None = None,
     ) -> None:
         self._fd = fd
+        self._on_finished = on_finished
         self._max_line_bytes = max_line_bytes
         self._allow_array = allow_array
         self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
@@ -72,7 +80,9 @@ class LineIntake:
         return [item for item in items if item is not None]
 
     def finished(self, delivery: Delivery) -> None:
-        """Lines need no bookkeeping once read."""
+        """Passes the news on; lines need no bookkeeping of their own."""
+        if self._on_finished is not None:
+            self._on_finished(delivery)
 
     async def close(self) -> None:
         """Nothing to release: the daemon thread ends with the input or the process."""
@@ -99,6 +109,8 @@ class LineIntake:
         reader = TaskReader(
             self._fd, max_line_bytes=self._max_line_bytes, allow_array=self._allow_array
         )
-        for item in reader:
-            yield Delivery(raw=item.raw, source=item.source, problem=item.problem)
+        for seq, item in enumerate(reader):
+            yield Delivery(
+                raw=item.raw, source=item.source, problem=item.problem, seq=seq
+            )
             self._credits.acquire()

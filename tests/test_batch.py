@@ -1,0 +1,188 @@
+"""`batch` at scale: results in input order, resuming a killed run, the progress bar."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mesh_node.simulator import prompt_key
+from mesh_node.sink.lines import answered_ids
+
+from .support import REPO, Process, SimulatorProcess, command, run_command, wait_for
+
+
+def _write_tasks(path: Path, tasks: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(task) + "\n" for task in tasks))
+
+
+def _results(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+def _calls(simulator: SimulatorProcess, prompts: dict[str, str]) -> dict[str, int]:
+    """How often the simulator has answered each task's prompt, by task id."""
+    by_prompt = simulator.stats()["by_prompt"]
+    return {tid: by_prompt.get(prompt_key(p), 0) for tid, p in prompts.items()}
+
+
+def test_ordered_results_follow_the_input(
+    node_env: dict[str, str], tmp_path: Path
+) -> None:
+    """With --ordered the lines come in input order although the first tasks
+    finish last; without it they come as they finish."""
+    tasks = [
+        # The first tasks are the slowest, and one line is not a task at all.
+        {"id": f"o{n}", "prompt": f"[[sim:latency_ms={max(0, 400 - 20 * n)}]] {n}"}
+        for n in range(40)
+    ]
+    source = tmp_path / "tasks.jsonl"
+    _write_tasks(source, tasks)
+    with source.open("a") as extra:
+        extra.write("not json\n")
+    expected = [f"o{n}" for n in range(40)] + [None]
+
+    ordered = tmp_path / "ordered.jsonl"
+    done = run_command(
+        "batch", str(source), "--ordered", "--output", str(ordered),
+        "--concurrency", "8", env=node_env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    results = _results(ordered)
+    assert [r["taskId"] for r in results] == expected
+    assert [r["metadata"]["source"] for r in results] == [
+        f"line {n}" for n in range(1, 42)
+    ]
+    assert results[-1]["error"]["type"] == "invalid_task"
+
+    unordered = tmp_path / "unordered.jsonl"
+    done = run_command(
+        "batch", str(source), "--output", str(unordered), "--concurrency", "8",
+        env=node_env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ids = [r["taskId"] for r in _results(unordered)]
+    assert sorted(ids, key=str) == sorted(expected, key=str)
+    assert ids != expected
+
+
+def test_resume_after_a_kill_calls_only_the_missing_ids(
+    node_env: dict[str, str], simulator: SimulatorProcess, tmp_path: Path
+) -> None:
+    """A run killed half-way and resumed with --resume: every id gets exactly
+    one line, and the second run calls the API for no id the first answered."""
+    marker = tmp_path.name
+    prompts = {
+        f"k{n}": f"[[sim:latency_ms=60]] resume {marker} {n}" for n in range(120)
+    }
+    source = tmp_path / "tasks.jsonl"
+    _write_tasks(source, [{"id": tid, "prompt": p} for tid, p in prompts.items()])
+    output = tmp_path / "results.jsonl"
+
+    popen = subprocess.Popen(
+        command("batch", str(source), "--output", str(output), "--concurrency", "8"),
+        env=node_env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    first = Process(popen)
+    wait_for(
+        lambda: output.exists() and output.read_bytes().count(b"\n") >= 60,
+        timeout_s=60,
+        what="half of the results",
+    )
+    first.kill()
+    # As if the kill had come in the middle of a write.
+    with output.open("ab") as torn:
+        torn.write(b'{"type": "task_result", "taskId": "k119", "succ')
+    answered = {r["taskId"] for r in _results_whole(output)}
+    assert 60 <= len(answered) < 120
+    before = _calls(simulator, prompts)
+
+    done = run_command(
+        "batch", str(source), "--output", str(output), "--resume", "--ordered",
+        "--concurrency", "8", env=node_env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    called = {
+        tid for tid, count in _calls(simulator, prompts).items() if count > before[tid]
+    }
+    assert called == set(prompts) - answered
+    assert all(_calls(simulator, prompts)[tid] == before[tid] for tid in answered)
+    results = _results(output)
+    assert sorted(r["taskId"] for r in results) == sorted(prompts)
+    assert all(r["success"] for r in results)
+    skipped = [e for e in _events(done.stderr) if e["event"] == "task.skipped"]
+    assert len(skipped) == len(answered)
+    assert {e["reason"] for e in skipped} == {"done"}
+
+
+def _results_whole(path: Path) -> list[dict[str, Any]]:
+    """The output's complete lines; a torn last line is not a result."""
+    lines = path.read_bytes().split(b"\n")
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def _events(stderr: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines()]
+
+
+def test_resume_needs_an_output_file(node_env: dict[str, str], tmp_path: Path) -> None:
+    """--resume without --output has nothing to read back: exit 2, one line."""
+    source = tmp_path / "tasks.jsonl"
+    _write_tasks(source, [{"id": "x", "prompt": "x"}])
+    done = run_command("batch", str(source), "--resume", env=node_env)
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        "mesh-node: --resume needs --output FILE: the results it reads back"
+    ]
+
+
+def test_answered_ids_skip_cancelled_results_and_cut_a_torn_line(
+    tmp_path: Path,
+) -> None:
+    """Cancelled results run again; a torn last line is cut off the file."""
+    output = tmp_path / "results.jsonl"
+    whole = (
+        json.dumps({"taskId": "ok", "success": True, "error": None})
+        + "\n"
+        + json.dumps({"taskId": "failed", "error": {"type": "timeout"}})
+        + "\n"
+        + json.dumps({"taskId": "stopped", "error": {"type": "cancelled"}})
+        + "\n"
+        + json.dumps({"taskId": None, "error": {"type": "invalid_task"}})
+        + "\n"
+        + "not json\n"
+    )
+    output.write_text(whole + '{"taskId": "torn", "succ')
+    assert answered_ids(str(output)) == {"ok", "failed"}
+    assert output.read_text() == whole
+    assert answered_ids(str(tmp_path / "missing.jsonl")) == set()
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(
+    node_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Off a terminal stderr carries JSON lines only; --progress always draws
+    the bar with the total, the rate and the error count."""
+    source = tmp_path / "tasks.jsonl"
+    tasks: list[dict[str, Any]] = [{"id": f"b{n}", "prompt": "x"} for n in range(9)]
+    _write_tasks(source, [*tasks, {"id": "bad"}])
+
+    done = run_command("batch", str(source), env=node_env)
+    assert done.returncode == 0
+    assert len(_events(done.stderr)) > 10
+
+    done = run_command("batch", str(source), "--progress", "always", env=node_env)
+    assert done.returncode == 0
+    assert len(done.stdout.splitlines()) == 10
+    frames = done.stderr.decode().replace("\r", "\n").splitlines()
+    final = [f for f in frames if "10/10" in f]
+    assert final, frames
+    assert "task/s" in final[-1]
+    assert "errors 1" in final[-1]
+    # Info lines are left out while the bar is drawn; the audit trail is not.
+    events = [json.loads(f) for f in frames if f.startswith("{")]
+    assert {e["event"] for e in events} == {"api.call"}
