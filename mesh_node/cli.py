@@ -166,7 +166,8 @@ def _redis_options() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--prefix",
-        help=f"prefix of every Redis key (env MESH_PREFIX; default {c.DEFAULT_PREFIX})",
+        help="prefix of every Redis key; on a Redis Cluster it must hold a hash "
+        f"tag, e.g. '{{mesh}}:' (env MESH_PREFIX; default {c.DEFAULT_PREFIX})",
     )
     return options
 

@@ -16,7 +16,7 @@ import signal
 import sys
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -28,12 +28,16 @@ from .egress import EgressProxy
 from .errors import ConfigError
 from .producer import read_payloads, stream_end, wait_for_results
 from .producer import submit as submit_tasks
-from .redis_link import RedisLink, connect, connect_once
+from .redis_link import (
+    REDIS_FAILURES,
+    Client,
+    RedisLink,
+    open_redis,
+    open_redis_once,
+)
 from .settings import API_KEY_VARIABLES, Settings, load_settings, resolve_api_key
 
 if TYPE_CHECKING:
-    import redis.asyncio as aioredis
-
     from .executor import Executor
     from .intake import Intake
     from .observe import Destination
@@ -77,7 +81,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _executor(
     settings: Settings,
     destination: Destination,
-    redis: tuple[aioredis.Redis, RedisLink] | None = None,
+    redis: tuple[Client, RedisLink] | None = None,
 ) -> tuple[Executor, PendingClient]:
     """The executor, with its telemetry, and a limiter shared through Redis
     when there is one. `_close` undoes it.
@@ -230,16 +234,20 @@ async def serve(args: argparse.Namespace) -> int:
     from .ratelimit.limiter import windows_for
     from .sink.redis_stream import RedisStreamSink
 
-    # Every task in flight may settle at once, plus the reader, the keeper
-    # and the heartbeat.
-    client = connect(settings.redis_url, max_connections=settings.concurrency + 8)
     keys = c.Keys(settings.prefix)
     stopping = asyncio.Event()
+    client: Client | None = None
     executor: Executor | None = None
     api: PendingClient | None = None
     beating: asyncio.Task[None] | None = None
     try:
-        await client.ping()
+        # Every task in flight may settle at once, plus the reader, the keeper
+        # and the heartbeat.
+        client = await open_redis(
+            settings.redis_url,
+            prefix=settings.prefix,
+            max_connections=settings.concurrency + 8,
+        )
         intake = RedisStreamIntake(
             client,
             keys,
@@ -279,7 +287,8 @@ async def serve(args: argparse.Namespace) -> int:
         stopping.set()
         if beating is not None:
             await beating
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
         await _close(executor, api)
     return EXIT_OK
 
@@ -378,11 +387,14 @@ def _open(stack: ExitStack, path: str | None, mode: str, default: BinaryIO) -> B
 
 async def submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    client = connect(settings.redis_url, max_connections=4)
     keys = c.Keys(settings.prefix)
+    client: Client | None = None
     with ExitStack() as stack:
         source = _open(stack, args.file, "rb", sys.stdin.buffer)
         try:
+            client = await open_redis(
+                settings.redis_url, prefix=settings.prefix, max_connections=4
+            )
             after = await stream_end(client, keys)
             payloads = read_payloads(source.fileno(), args.file)
             submitted = await submit_tasks(client, keys, payloads)
@@ -396,10 +408,11 @@ async def submit(args: argparse.Namespace) -> int:
                 after=after,
                 timeout_s=args.timeout,
             )
-        except RedisError as exc:
+        except REDIS_FAILURES as exc:
             return _redis_failed(settings, exc)
         finally:
-            await client.aclose()
+            if client is not None:
+                await client.aclose()
     if missing:
         log.error(
             "submit.timeout",
@@ -417,7 +430,7 @@ async def status(args: argparse.Namespace) -> int:
     from .ratelimit.limiter import windows_for
 
     settings = _settings(args)
-    client = connect_once(settings.redis_url, timeout_s=STATUS_TIMEOUT_S)
+    client: Client | None = None
     keys = c.Keys(settings.prefix)
     windows = windows_for(settings)
     stop = asyncio.Event()
@@ -427,18 +440,19 @@ async def status(args: argparse.Namespace) -> int:
     try:
         while True:
             try:
+                if client is None:
+                    client = await open_redis_once(
+                        settings.redis_url,
+                        prefix=settings.prefix,
+                        timeout_s=STATUS_TIMEOUT_S,
+                    )
                 report = await mesh_status.gather(client, keys, settings.group, windows)
-            except RedisError as exc:
+            except REDIS_FAILURES as exc:
                 if not args.watch:
                     return _redis_failed(settings, exc)
                 # A watch outlives an outage: it says so and looks again.
                 report = {"error": f"Redis unreachable ({type(exc).__name__})"}
-            if args.json:
-                text = orjson.dumps(report).decode()
-            elif "error" in report:
-                text = f"{report['error']} at {redact_url(settings.redis_url)}"
-            else:
-                text = mesh_status.render(report)
+            text = _status_text(report, as_json=args.json, url=settings.redis_url)
             # Home and clear: a watched terminal shows one report, not a scroll.
             separator = "" if args.json or clear or not args.watch else "\n"
             if not _print(("\x1b[H\x1b[2J" if clear else "") + text + separator):
@@ -450,7 +464,18 @@ async def status(args: argparse.Namespace) -> int:
             if stop.is_set():
                 return EXIT_OK
     finally:
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
+
+
+def _status_text(report: dict[str, Any], *, as_json: bool, url: str) -> str:
+    from . import status as mesh_status
+
+    if as_json:
+        return orjson.dumps(report).decode()
+    if "error" in report:
+        return f"{report['error']} at {redact_url(url)}"
+    return mesh_status.render(report)
 
 
 def _print(text: str) -> bool:
@@ -474,12 +499,15 @@ async def health(args: argparse.Namespace) -> int:
     node_id = args.node_id or os.environ.get("MESH_NODE_ID") or None
     # A health check must answer within the container's HEALTHCHECK timeout,
     # however Redis is doing.
-    client = connect_once(settings.redis_url, timeout_s=HEALTH_TIMEOUT_S)
+    client: Client | None = None
     try:
+        client = await open_redis_once(
+            settings.redis_url, prefix=settings.prefix, timeout_s=HEALTH_TIMEOUT_S
+        )
         healthy, line = await mesh_status.health(
             client, c.Keys(settings.prefix), node_id=node_id, host=socket.gethostname()
         )
-    except (RedisError, OSError) as exc:
+    except REDIS_FAILURES as exc:
         healthy, line = (
             False,
             (
@@ -488,7 +516,8 @@ async def health(args: argparse.Namespace) -> int:
             ),
         )
     finally:
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
     print(line, flush=True)
     return EXIT_OK if healthy else EXIT_FAILURE
 
@@ -569,7 +598,7 @@ async def simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _redis_failed(settings: Settings, error: RedisError) -> int:
+def _redis_failed(settings: Settings, error: Exception) -> int:
     log.error(
         "redis.failed",
         extra={"url": redact_url(settings.redis_url), "error": str(error)},

@@ -52,9 +52,30 @@ FIELD_DELIVERIES = "deliveries"
 FIELD_NODE = "node"
 
 
+def hash_tag(prefix: str) -> str | None:
+    """The hash tag that a prefix gives every key under it, if any.
+
+    Redis Cluster hashes only the part of a key between its first `{` and the
+    first `}` after it, when that part is not empty
+    (https://redis.io/docs/latest/operate/oss_and_stack/reference/cluster-spec/#hash-tags).
+    A prefix that holds such a pair decides the tag of every key that starts
+    with it, whatever follows; one that holds a lone `{` does not, since a
+    `}` in a node or task id would then close the tag.
+    """
+    opening = prefix.find("{")
+    closing = prefix.find("}", opening + 1) if opening >= 0 else -1
+    if closing <= opening + 1:
+        return None
+    return prefix[opening + 1 : closing]
+
+
 @dataclass(frozen=True, slots=True)
 class Keys:
     """The Redis key names under one prefix.
+
+    On a Redis Cluster the prefix holds a hash tag (`{mesh}:`), so that every
+    key of one stream, the limiter's included, lands in one slot and each
+    script and pipeline touches a single node.
 
     Args:
         prefix: prepended to every key, `mesh:` unless configured.

@@ -19,12 +19,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from . import __version__
 from . import constants as c
 from .observe import StreamFigures
+from .redis_link import REDIS_FAILURES, Client
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class Heartbeat:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         keys: c.Keys,
         *,
         node_id: str,
@@ -100,7 +100,7 @@ class Heartbeat:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), self._interval_s)
         finally:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await self._client.delete(self._key)
 
     async def beat(self) -> None:
@@ -121,7 +121,7 @@ class Heartbeat:
             if self._started_ms is None:
                 self._started_ms = now_ms
                 await self._client.hset(self._key, "started_ms", now_ms)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.debug("heartbeat.skipped", extra={"error": type(exc).__name__})
 
     async def _read_backlog(self) -> None:

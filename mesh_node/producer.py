@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import orjson
-import redis.asyncio as aioredis
 
 from .constants import FIELD_RESULT, FIELD_TASK, Keys
 from .errors import ConfigError
 from .jsonl import TaskReader
+from .redis_link import Client
 from .tasks import is_task_id
 
 log = logging.getLogger(__name__)
@@ -63,14 +63,14 @@ def task_id_of(payload: bytes) -> str | None:
     return task_id if is_task_id(task_id) else None
 
 
-async def stream_end(client: aioredis.Redis, keys: Keys) -> str:
+async def stream_end(client: Client, keys: Keys) -> str:
     """The id of the results stream's last entry, where waiting starts from."""
     last: Any = await client.xrevrange(keys.results, count=1)
     return str(last[0][0].decode()) if last else "0-0"
 
 
 async def submit(
-    client: aioredis.Redis, keys: Keys, payloads: Iterator[bytes]
+    client: Client, keys: Keys, payloads: Iterator[bytes]
 ) -> list[Submitted]:
     """Adds every payload to the task stream, in pipelined batches."""
     submitted: list[Submitted] = []
@@ -85,9 +85,7 @@ async def submit(
     return submitted
 
 
-async def _add(
-    client: aioredis.Redis, keys: Keys, batch: list[bytes]
-) -> list[Submitted]:
+async def _add(client: Client, keys: Keys, batch: list[bytes]) -> list[Submitted]:
     if not batch:
         return []
     pipe = client.pipeline(transaction=False)
@@ -101,7 +99,7 @@ async def _add(
 
 
 async def wait_for_results(
-    client: aioredis.Redis,
+    client: Client,
     keys: Keys,
     submitted: list[Submitted],
     out: BinaryIO,
@@ -134,7 +132,7 @@ async def wait_for_results(
 
 
 async def _take_published(
-    client: aioredis.Redis,
+    client: Client,
     keys: Keys,
     waiting: dict[str, Submitted],
     out: BinaryIO,
@@ -153,7 +151,7 @@ async def _take_published(
 
 
 async def _take_stored(
-    client: aioredis.Redis, keys: Keys, waiting: dict[str, Submitted], out: BinaryIO
+    client: Client, keys: Keys, waiting: dict[str, Submitted], out: BinaryIO
 ) -> None:
     """Prints stored results for ids that had one before this submission."""
     with_ids = [entry for entry in waiting.values() if entry.task_id is not None]

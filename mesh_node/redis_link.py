@@ -6,6 +6,11 @@ backoff (tenacity) until it succeeds, logging one line when an outage starts
 and one when it ends, however many callers are waiting meanwhile. A missing
 consumer group (`NOGROUP`, after a Redis restart that lost it) is recreated
 through a hook and the operation retried at once.
+
+The commands open their client with `open_redis`, which asks the server at
+the URL whether it is a cluster node (`INFO cluster`) and, if so, returns a
+cluster client instead of a single-node one; everything else in the node
+works the same on either, since a stream's keys share one hash slot.
 """
 
 from __future__ import annotations
@@ -14,21 +19,54 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import redis.asyncio as aioredis
 import tenacity
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import RedisUnavailableError
+from .constants import hash_tag
+from .errors import ConfigError, RedisUnavailableError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# A single Redis or a Redis Cluster: the node uses the commands both speak.
+Client: TypeAlias = aioredis.Redis | RedisCluster
+
+# What a call to Redis may raise besides its answer: a cluster client's own
+# errors (no node reachable, a slot not covered) are not RedisErrors, and a
+# socket's OSError may pass redis-py's wrapping.
+REDIS_FAILURES: tuple[type[Exception], ...] = (
+    RedisError,
+    RedisClusterException,
+    OSError,
+)
+
+# A cluster that is failing over (CLUSTERDOWN, MASTERDOWN), resharding
+# (TRYAGAIN) or missing a slot's owner comes back by itself, as a restarted
+# Redis does.
+_OUTAGES = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
 
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 2.0
@@ -63,10 +101,103 @@ def connect_once(url: str, *, timeout_s: float) -> aioredis.Redis:
     )
 
 
+async def open_redis(url: str, *, prefix: str, max_connections: int) -> Client:
+    """`connect`'s client, or a cluster client when `url` names a cluster node.
+
+    Args:
+        url: any node of the cluster will do; the others are discovered.
+        prefix: the key prefix; on a cluster it must hold a hash tag.
+        max_connections: the most connections to one Redis server.
+
+    Raises:
+        ConfigError: a cluster with a prefix without a hash tag, or a URL that
+            a cluster client cannot use (a unix socket, a database other
+            than 0).
+        RedisError: Redis could not be reached.
+    """
+    single = connect(url, max_connections=max_connections)
+    if not await _is_cluster(single):
+        return single
+    # A cluster client cannot wait for a free connection as the single-node
+    # pool does; it fails instead. Every task in flight holds at most one
+    # connection at a time, so the caller's bound is never reached.
+    return await _cluster(
+        url,
+        prefix,
+        max_connections=max_connections,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+
+
+async def open_redis_once(url: str, *, prefix: str, timeout_s: float) -> Client:
+    """`connect_once`'s client, or a cluster client when `url` names a
+    cluster node; see `open_redis`."""
+    single = connect_once(url, timeout_s=timeout_s)
+    if not await _is_cluster(single):
+        return single
+    return await _cluster(
+        url, prefix, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+
+
+async def _is_cluster(client: aioredis.Redis) -> bool:
+    """Asks the server whether it is a cluster node; closes `client` unless
+    it is the one to use."""
+    try:
+        info: dict[str, Any] = await client.info("cluster")
+    except ResponseError:
+        # INFO renamed away or refused by an ACL: a cluster would say so
+        # with MOVED soon enough; a single Redis works as before.
+        return False
+    except BaseException:
+        await client.aclose()
+        raise
+    if not info.get("cluster_enabled"):
+        return False
+    await client.aclose()
+    return True
+
+
+async def _cluster(url: str, prefix: str, **options: Any) -> RedisCluster:
+    if hash_tag(prefix) is None:
+        raise ConfigError(
+            f"configuration error: prefix: {prefix!r} has no hash tag, which a "
+            "Redis Cluster needs to keep a stream's keys in one slot; use e.g. "
+            f"--prefix {_tagged(prefix)!r} (or MESH_PREFIX)"
+        )
+    try:
+        cluster = RedisCluster.from_url(url, decode_responses=False, **options)
+    except RedisClusterException as exc:
+        raise ConfigError(f"configuration error: redisUrl: {exc}") from None
+    try:
+        await cluster.initialize()
+    except BaseException as exc:
+        await cluster.aclose()
+        if isinstance(exc, RedisClusterException):
+            # Callers tell an unreachable Redis by RedisError, cluster or not.
+            raise RedisConnectionError(str(exc)) from exc
+        raise
+    return cluster
+
+
+def _tagged(prefix: str) -> str:
+    """The prefix with its name made the hash tag: `mesh:` gives `{mesh}:`."""
+    name = prefix.rstrip(":") if "{" not in prefix and "}" not in prefix else ""
+    return f"{{{name or 'mesh'}}}:"
+
+
 def is_outage(error: BaseException) -> bool:
     """Tells whether an error means Redis is unreachable or not ready yet."""
-    return isinstance(error, RedisConnectionError | RedisTimeoutError | OSError) or (
-        isinstance(error, ResponseError) and str(error).startswith("LOADING")
+    if isinstance(error, _OUTAGES):
+        return True
+    if isinstance(error, ResponseError):
+        return str(error).startswith("LOADING")
+    # A cluster client that reached no node at all raises an error of its own
+    # (redis-py 8: RedisClusterUnreachableError) caused by the lost connection.
+    cause = error.__cause__
+    return isinstance(error, RedisClusterException) and (
+        cause is not None and is_outage(cause)
     )
 
 

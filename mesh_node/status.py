@@ -13,18 +13,19 @@ from collections import Counter
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from . import constants as c
 from .heartbeat import HEARTBEAT_STALE_MS
 from .ratelimit import SAFETY_MS, Window
+from .redis_link import Client
 
 RECENT_MS = 60_000
 
 
 async def gather(
-    client: aioredis.Redis, keys: c.Keys, group: str, windows: list[Window]
+    client: Client, keys: c.Keys, group: str, windows: list[Window]
 ) -> dict[str, Any]:
     """Reads the mesh's state; a missing stream or group reads as empty.
 
@@ -34,8 +35,7 @@ async def gather(
         group: the consumer group to report on.
         windows: the configured limits, to show each one's headroom.
     """
-    seconds, micros = await client.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms = await _now_ms(client, keys)
     nodes = await _nodes(client, keys, now_ms)
     # The limits the nodes run with, when one says; else this command's own.
     published = next((n["limits"] for n in nodes if n["live"] and n["limits"]), None)
@@ -57,7 +57,18 @@ async def gather(
     }
 
 
-async def _stream(client: aioredis.Redis, key: str, group: str) -> dict[str, Any]:
+async def _now_ms(client: Client, keys: c.Keys) -> int:
+    """The Redis server's time; on a cluster, that of the master holding the
+    prefix's slot, whose clock stamped the heartbeats and the limiter."""
+    if isinstance(client, RedisCluster):
+        node = client.get_node_from_key(keys.tasks)
+        seconds, micros = await client.time(target_nodes=node)
+    else:
+        seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def _stream(client: Client, key: str, group: str) -> dict[str, Any]:
     report: dict[str, Any] = {"key": key, "length": await client.xlen(key)}
     try:
         groups = await client.xinfo_groups(key)
@@ -87,7 +98,7 @@ async def _stream(client: aioredis.Redis, key: str, group: str) -> dict[str, Any
 
 
 async def _nodes(
-    client: aioredis.Redis,
+    client: Client,
     keys: c.Keys,
     now_ms: int,
     match: str = "*",
@@ -163,7 +174,7 @@ def _recent(nodes: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _limiter(
-    client: aioredis.Redis, keys: c.Keys, windows: list[Window], now_ms: int
+    client: Client, keys: c.Keys, windows: list[Window], now_ms: int
 ) -> dict[str, Any]:
     base = f"{keys.prefix}limit:"
     ids = set()
@@ -205,7 +216,7 @@ async def _limiter(
 
 
 async def health(
-    client: aioredis.Redis, keys: c.Keys, *, node_id: str | None, host: str
+    client: Client, keys: c.Keys, *, node_id: str | None, host: str
 ) -> tuple[bool, str]:
     """Whether a serving node is healthy, and one line saying why or why not.
 
@@ -213,8 +224,7 @@ async def health(
     `host`. Healthy means its heartbeat is fresh: it reached Redis within
     the last three beats.
     """
-    seconds, micros = await client.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    now_ms = await _now_ms(client, keys)
     # A container's check runs every 30 s beside every node: it reads its
     # own node's heartbeat, not the whole mesh's, where it can.
     if node_id is not None:
@@ -247,9 +257,7 @@ async def health(
     )
 
 
-async def _window_used(
-    client: aioredis.Redis, key: str, window: Window, now_ms: int
-) -> int:
+async def _window_used(client: Client, key: str, window: Window, now_ms: int) -> int:
     """What a window holds: its running total, which may still count a few
     entries the next call will age out (so headroom errs low), or, without
     one, its entries counted."""

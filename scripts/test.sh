@@ -8,6 +8,8 @@ source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 
 ensure_redis_server
+# The cluster test joins its redis-server nodes into a cluster with it.
+ensure_command redis-cli redis-tools redis redis redis
 # The egress tests make a throwaway TLS certificate with it.
 ensure_command openssl
 ensure_venv

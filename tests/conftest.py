@@ -18,6 +18,7 @@ import redis
 from .support import (
     FAKE_KEY,
     TEST_CONFIG,
+    OwnCluster,
     OwnRedis,
     Process,
     RedisServer,
@@ -123,3 +124,14 @@ def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnCluster]:
+    """A Redis Cluster of three masters, of this test module's own."""
+    cluster = OwnCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

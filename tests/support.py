@@ -296,6 +296,141 @@ class OwnRedis:
             self.process.wait(20)
 
 
+def redis_cli_binary() -> str:
+    """The path of redis-cli, or a failed test saying how to get it."""
+    binary = shutil.which("redis-cli")
+    if binary is None:
+        raise AssertionError("redis-cli is not installed; scripts/test.sh installs it")
+    return binary
+
+
+def cluster_state(port: int) -> dict[str, str]:
+    """`CLUSTER INFO` of the node on `port`, as text fields."""
+    client = redis.Redis(port=port, socket_timeout=5)
+    try:
+        raw: Any = client.cluster("INFO")
+    finally:
+        client.close()
+    if isinstance(raw, dict):
+        return {str(k): str(v) for k, v in raw.items()}
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    fields = (line.strip().partition(":") for line in text.splitlines())
+    return {name: value for name, _colon, value in fields if _colon}
+
+
+def _wait_until_up(port: int) -> None:
+    client = redis.Redis(port=port)
+    try:
+        wait_for(lambda: pings(client), timeout_s=10, what="redis-server")
+    finally:
+        client.close()
+
+
+@dataclass
+class OwnCluster:
+    """A Redis Cluster of three masters and no replicas, on loopback ports.
+
+    Each node's cluster bus has a port of its own (`--cluster-port`) rather
+    than the default port + 10000, which may be above 65535 or taken.
+    """
+
+    workdir: Path
+    ports: list[int] = field(default_factory=list)
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """The URL of one of its nodes; a client discovers the others."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start(self, masters: int = 3) -> None:
+        """Starts the nodes, joins them into one cluster and waits until it
+        serves every slot."""
+        for _ in range(masters):
+            port, bus_port = free_port(), free_port()
+            (self.workdir / str(port)).mkdir()
+            self.ports.append(port)
+            self.processes.append(self._server(port, bus_port))
+        for port in self.ports:
+            _wait_until_up(port)
+        created = subprocess.run(
+            [
+                redis_cli_binary(),
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{port}" for port in self.ports),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert created.returncode == 0, (
+            created.stdout.decode() + created.stderr.decode()
+        )
+        self.wait_serving()
+
+    def wait_serving(self) -> None:
+        """Waits until every node says the cluster is ok and knows them all."""
+        wait_for(self._serving, timeout_s=30, what="cluster_state:ok on every node")
+
+    def stop_node(self, index: int) -> None:
+        """Stops one node (SIGTERM); its slots go unserved until it is back."""
+        process = self.processes[index]
+        process.terminate()
+        process.wait(20)
+
+    def start_node(self, index: int) -> None:
+        """Starts a stopped node again, with its cluster configuration (and
+        so its slots) but none of its data."""
+        command = cast(list[str], self.processes[index].args)
+        self.processes[index] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        _wait_until_up(self.ports[index])
+
+    def stop(self) -> None:
+        """Stops every node it started, by PID."""
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            process.wait(20)
+
+    def _server(self, port: int, bus_port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(port),
+                "--cluster-port",
+                str(bus_port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir / str(port)),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+
+    def _serving(self) -> bool:
+        for port in self.ports:
+            state = cluster_state(port)
+            if state.get("cluster_state") != "ok" or state.get(
+                "cluster_known_nodes"
+            ) != str(len(self.ports)):
+                return False
+        return True
+
+
 def with_config(env: dict[str, str], **values: Any) -> dict[str, str]:
     """Sets keys in the configuration file a node environment points at."""
     path = Path(env["MESH_CONFIG"])

@@ -16,12 +16,11 @@ import logging
 import time
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from ..constants import FIELD_TASK, FIELD_TRACEPARENT, READ_BLOCK_MS, Keys
 from ..errors import RedisUnavailableError
-from ..redis_link import RedisLink
+from ..redis_link import REDIS_FAILURES, Client, RedisLink
 from . import Delivery
 
 log = logging.getLogger(__name__)
@@ -46,7 +45,7 @@ class RedisStreamIntake:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         keys: Keys,
         *,
         group: str,
@@ -117,7 +116,7 @@ class RedisStreamIntake:
         run a node ever had. One that still holds entries stays, so that
         they are reclaimed as usual (deleting it would drop them).
         """
-        with contextlib.suppress(RedisError, OSError):
+        with contextlib.suppress(*REDIS_FAILURES):
             async with asyncio.timeout(2):
                 held: Any = await self._client.xpending_range(
                     self._keys.tasks,

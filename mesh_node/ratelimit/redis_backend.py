@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import redis.asyncio as aioredis
-
-from ..redis_link import RedisLink
+from ..redis_link import Client, RedisLink
 from . import SAFETY_MS, Verdict, Window
 
 # KEYS: one sorted set per window, then the running total of each, then the
@@ -136,7 +134,7 @@ class RedisLimitBackend:
     """
 
     def __init__(
-        self, client: aioredis.Redis, link: RedisLink, prefix: str, api_key: str
+        self, client: Client, link: RedisLink, prefix: str, api_key: str
     ) -> None:
         self._client = client
         self._link = link

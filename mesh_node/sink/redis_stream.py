@@ -19,11 +19,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from .. import constants as c
 from ..intake import Delivery
-from ..redis_link import RedisLink, is_outage
+from ..redis_link import Client, RedisLink, is_outage
 from ..tasks import TaskResult
 from . import Start
 
@@ -88,6 +86,26 @@ redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """
 
+# KEYS: the dead-letter stream, then the settle's. ARGV: the dead-letter
+# stream's MAXLEN (0: untrimmed), the number of the dead letter's field and
+# value arguments, those, then the settle's. One script rather than a MULTI
+# around XADD and `_SETTLE`: a cluster client's transaction does not load a
+# script first, and an EVALSHA that meets NOSCRIPT inside EXEC would leave a
+# dead letter without its settle.
+_DEAD_LETTER = (
+    """
+local dead, max_len = table.remove(KEYS, 1), table.remove(ARGV, 1)
+local fields = {}
+for i = 1, tonumber(table.remove(ARGV, 1)) do fields[i] = table.remove(ARGV, 1) end
+if tonumber(max_len) > 0 then
+  redis.call('XADD', dead, 'MAXLEN', '~', max_len, '*', unpack(fields))
+else
+  redis.call('XADD', dead, '*', unpack(fields))
+end
+"""
+    + _SETTLE
+)
+
 # KEYS: tasks, then one lease key per held entry.
 # ARGV: group, consumer, lease ms, then entry id and token per held entry.
 _KEEP = """
@@ -130,7 +148,7 @@ class RedisStreamSink:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: Client,
         link: RedisLink,
         keys: c.Keys,
         *,
@@ -153,6 +171,7 @@ class RedisStreamSink:
         self._held: dict[str, _Held] = {}
         self._acquire = client.register_script(_ACQUIRE)
         self._settle = client.register_script(_SETTLE)
+        self._dead_letter = client.register_script(_DEAD_LETTER)
         self._keep = client.register_script(_KEEP)
         self._keeper: asyncio.Task[None] | None = None
 
@@ -184,27 +203,24 @@ class RedisStreamSink:
         self, delivery: Delivery, result: TaskResult, reason: str
     ) -> None:
         """Copies the entry to the dead-letter stream and settles it, atomically."""
-        keys, args = self._settle_call(delivery, result)
-        fields: dict[Any, Any] = {
-            c.FIELD_ENTRY_ID: _entry(delivery),
-            c.FIELD_REASON: reason,
-            c.FIELD_DELIVERIES: delivery.deliveries,
-            c.FIELD_NODE: self._node_id,
-            c.FIELD_TASK: delivery.raw if delivery.raw is not None else b"",
-        }
-
-        async def move() -> None:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.xadd(
-                self._keys.dead,
-                fields,
-                maxlen=self._dead_max_len or None,
-                approximate=True,
-            )
-            await self._settle(keys=keys, args=args, client=pipe)
-            await pipe.execute()
-
-        await self._link.call(move, what="dead_letter")
+        settle_keys, settle_args = self._settle_call(delivery, result)
+        fields: list[Any] = [
+            c.FIELD_ENTRY_ID,
+            _entry(delivery),
+            c.FIELD_REASON,
+            reason,
+            c.FIELD_DELIVERIES,
+            delivery.deliveries,
+            c.FIELD_NODE,
+            self._node_id,
+            c.FIELD_TASK,
+            delivery.raw if delivery.raw is not None else b"",
+        ]
+        keys = [self._keys.dead, *settle_keys]
+        args = [self._dead_max_len, len(fields), *fields, *settle_args]
+        await self._link.call(
+            lambda: self._dead_letter(keys=keys, args=args), what="dead_letter"
+        )
 
     async def release(self, delivery: Delivery) -> None:
         """Drops the lease of an unfinished task; its entry stays pending.
