@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
+
+import orjson
 
 from . import logs
 from .errors import (
@@ -110,7 +113,7 @@ class Executor:
                 attempts=tries.count,
                 received_s=received_s,
             )
-        text = "".join(block.text for block in message.content if block.type == "text")
+        text = message.text
         problem = self._answer_problem(text) or (
             None
             if text
@@ -144,11 +147,11 @@ class Executor:
 
     async def _within_deadline(
         self, task: Task, model: str, received_s: float, tries: _Tries
-    ) -> Message:
+    ) -> Answer:
         """Runs the retry policy until an answer or the task's deadline."""
         deadline_s = received_s + self._budget_ms(task) / 1000
 
-        async def attempt(_number: int) -> Message:
+        async def attempt(_number: int) -> Answer:
             return await self._attempt(task, model, deadline_s, tries)
 
         try:
@@ -210,7 +213,7 @@ class Executor:
 
     async def _attempt(
         self, task: Task, model: str, deadline_s: float, tries: _Tries
-    ) -> Message:
+    ) -> Answer:
         """One API call inside the limiter: reserve, call, settle what was used."""
         await self._rotate_key()
         call = tries.call
@@ -246,7 +249,6 @@ class Executor:
                 )
             )
             raise
-        usage = message.usage
         self.observer.api_call(
             ApiCall(
                 task.id,
@@ -255,16 +257,16 @@ class Executor:
                 time.monotonic() - sent_s,
                 status=200,
                 request_id=headers.get("request-id"),
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
+                input_tokens=message.input_tokens,
+                output_tokens=message.output_tokens,
                 response_model=message.model,
             )
         )
         await self.limiter.settle(
             reservation,
             call,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
+            input_tokens=message.input_tokens,
+            output_tokens=message.output_tokens,
         )
         await self.limiter.observe(headers)
         return message
@@ -293,7 +295,7 @@ class Executor:
 
     async def _create(
         self, task: Task, model: str, deadline_s: float
-    ) -> tuple[Message, Mapping[str, str]]:
+    ) -> tuple[Answer, Mapping[str, str]]:
         client = await self._client.get()
         import anthropic
 
@@ -302,13 +304,14 @@ class Executor:
             if params["max_tokens"] > STREAMING_MIN_TOKENS:
                 return await self._stream(client, params)
             raw = await client.messages.with_raw_response.create(**params)
-            return await raw.parse(), raw.headers
+            body = await raw.read()
+            return Answer.from_body(body, raw.headers.get("request-id")), raw.headers
         except anthropic.APIError as exc:
             raise api_call_error(exc) from None
 
     async def _stream(
         self, client: anthropic.AsyncAnthropic, params: dict[str, Any]
-    ) -> tuple[Message, Mapping[str, str]]:
+    ) -> tuple[Answer, Mapping[str, str]]:
         """A long answer, streamed and assembled into the same message.
 
         An error before any text is raised as it is, so the retry policy treats
@@ -322,7 +325,8 @@ class Executor:
             async with client.messages.stream(**params) as stream:
                 async for text in stream.text_stream:
                     parts.append(text)
-                return await stream.get_final_message(), stream.response.headers
+                message = await stream.get_final_message()
+                return Answer.from_message(message), stream.response.headers
         except anthropic.APIError as exc:
             if not parts:
                 raise
@@ -351,7 +355,7 @@ class Executor:
     def _success(
         self,
         task: Task,
-        message: Message,
+        message: Answer,
         text: str,
         source: str,
         attempts: int,
@@ -364,18 +368,83 @@ class Executor:
             metadata=ResultMetadata(
                 model=message.model,
                 usage=Usage(
-                    input_tokens=message.usage.input_tokens,
-                    output_tokens=message.usage.output_tokens,
+                    input_tokens=message.input_tokens,
+                    output_tokens=message.output_tokens,
                 ),
                 timestamp=utc_timestamp(),
                 attempts=attempts,
                 durationMs=_elapsed_ms(received_s),
                 stopReason=message.stop_reason,
-                requestId=getattr(message, "_request_id", None),
+                requestId=message.request_id,
                 node=self._settings.node_id,
                 source=source,
                 traceparent=current_traceparent(),
             ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the node keeps of a message.
+
+    Read from the body with orjson rather than through the SDK's models: the
+    SDK's `parse` builds a model of every block, and cost as much CPU as all
+    the node's own handling of the answer.
+    """
+
+    text: str
+    model: str | None
+    stop_reason: str | None
+    input_tokens: int
+    output_tokens: int
+    request_id: str | None = None
+
+    @classmethod
+    def from_body(cls, body: bytes, request_id: str | None) -> Answer:
+        """The answer in a Messages API response body.
+
+        Raises:
+            TaskError: the body is not a message (`api_error`).
+        """
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            # orjson refuses a lone surrogate escape, which the API's JSON may
+            # carry; the standard parser keeps it, and the UTF-8 check of the
+            # answer then reports it.
+            try:
+                data = json.loads(body)
+            except ValueError:
+                data = None
+        try:
+            usage = data.get("usage") or {}
+            return cls(
+                text="".join(
+                    block["text"]
+                    for block in data.get("content") or ()
+                    if block.get("type") == "text"
+                ),
+                model=data.get("model"),
+                stop_reason=data.get("stop_reason"),
+                input_tokens=int(usage.get("input_tokens") or 0),
+                output_tokens=int(usage.get("output_tokens") or 0),
+                request_id=request_id,
+            )
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise TaskError(
+                "unexpected answer from the API: not a message", ErrorType.API_ERROR
+            ) from None
+
+    @classmethod
+    def from_message(cls, message: Message) -> Answer:
+        """The answer of a message the SDK assembled (a streamed answer)."""
+        return cls(
+            text="".join(b.text for b in message.content if b.type == "text"),
+            model=message.model,
+            stop_reason=message.stop_reason,
+            input_tokens=message.usage.input_tokens,
+            output_tokens=message.usage.output_tokens,
+            request_id=getattr(message, "_request_id", None),
         )
 
 

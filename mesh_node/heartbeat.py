@@ -23,6 +23,7 @@ from redis.exceptions import ResponseError
 
 from . import __version__
 from . import constants as c
+from .lua import Script
 from .observe import StreamFigures
 from .redis_link import REDIS_FAILURES, Client
 
@@ -78,7 +79,7 @@ class Heartbeat:
         self._report = report
         self._stream = stream
         self._interval_s = interval_s
-        self._beat = client.register_script(_BEAT)
+        self._beat = Script(client, _BEAT)
         self._static = {
             "node": node_id,
             "group": group,

@@ -17,6 +17,7 @@ unix socket.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -83,6 +84,7 @@ class PendingClient:
 
     def __init__(self, build: Callable[[], anthropic.AsyncAnthropic]) -> None:
         self._future = asyncio.ensure_future(asyncio.to_thread(build))
+        self._future.add_done_callback(_freeze)
         self._client: anthropic.AsyncAnthropic | None = None
 
     async def get(self) -> anthropic.AsyncAnthropic:
@@ -108,3 +110,14 @@ class PendingClient:
             # was reported where the client was needed.
             return
         await client.close()
+
+
+def _freeze(_built: object) -> None:
+    """Moves everything alive once the SDK is loaded out of the collector's sight.
+
+    Those some 200,000 objects (modules, classes, the SDK's models) live as
+    long as the process, yet every full collection walked them all: 100 ms
+    here, a stall of every task in flight each time. Frozen, a full
+    collection only walks what the node made since.
+    """
+    gc.freeze()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from ..lua import Script
 from ..redis_link import Client, RedisLink
 from . import SAFETY_MS, Verdict, Window
 
@@ -140,9 +141,9 @@ class RedisLimitBackend:
         self._link = link
         self._prefix = prefix
         self._base = f"{prefix}limit:{key_id(api_key)}"
-        self._acquire = client.register_script(_ACQUIRE)
-        self._settle = client.register_script(_SETTLE)
-        self._pause = client.register_script(_PAUSE)
+        self._acquire = Script(client, _ACQUIRE)
+        self._settle = Script(client, _SETTLE)
+        self._pause = Script(client, _PAUSE)
 
     async def acquire(
         self, windows: list[Window], costs: list[int], token: str, *, dry_run: bool

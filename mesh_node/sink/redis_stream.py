@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import constants as c
 from ..intake import Delivery
+from ..lua import Script
 from ..redis_link import Client, RedisLink, is_outage
 from ..tasks import TaskResult
 from . import Start
@@ -169,10 +170,10 @@ class RedisStreamSink:
         self._retention_s = retention_s
         self._lease_ms = claim_timeout_ms
         self._held: dict[str, _Held] = {}
-        self._acquire = client.register_script(_ACQUIRE)
-        self._settle = client.register_script(_SETTLE)
-        self._dead_letter = client.register_script(_DEAD_LETTER)
-        self._keep = client.register_script(_KEEP)
+        self._acquire = Script(client, _ACQUIRE)
+        self._settle = Script(client, _SETTLE)
+        self._dead_letter = Script(client, _DEAD_LETTER)
+        self._keep = Script(client, _KEEP)
         self._keeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
