@@ -316,14 +316,20 @@ async def batch(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.resume and args.output in (None, "-"):
         raise ConfigError("--resume needs --output FILE: the results it reads back")
-    done_ids: set[str] = set()
+    _refuse_same_file(args.file, args.output)
+    done = None
     if args.resume:
-        from .sink.lines import answered_ids
+        from .sink.lines import NotResultsError, answered
 
         try:
-            done_ids = answered_ids(args.output)
+            done = answered(args.output)
         except OSError as exc:
             raise ConfigError(f"{args.output}: {exc.strerror}") from None
+        except NotResultsError as exc:
+            raise ConfigError(
+                f"{args.output}: {exc}; --resume appends only to the output of "
+                "an earlier batch run"
+            ) from None
     name = "stdin" if args.file == "-" else os.path.basename(args.file)
     executor, api = _executor(settings, Destination(name))
     from .intake.lines import LineIntake
@@ -347,7 +353,7 @@ async def batch(args: argparse.Namespace) -> int:
             # node keeps every slot busy past one straggler, bounded so that
             # memory does not grow with the file.
             window=4 * settings.concurrency,
-            done_ids=done_ids,
+            done=done,
             progress=progress,
         )
         intake = LineIntake(
@@ -373,6 +379,23 @@ async def batch(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILURE
     return EXIT_OK
+
+
+def _refuse_same_file(source: str, output: str | None) -> None:
+    """Refuses an output that is the tasks file itself: writing would empty
+    it before it is read, and appending would feed results back in as tasks."""
+    if output is None or output == "-":
+        return
+    try:
+        target = os.stat(output)
+        tasks = os.fstat(sys.stdin.fileno()) if source == "-" else os.stat(source)
+    except (OSError, ValueError):
+        # Whichever is missing or unreadable is reported when it is opened.
+        return
+    if (target.st_dev, target.st_ino) == (tasks.st_dev, tasks.st_ino):
+        raise ConfigError(
+            f"{output}: is the tasks file itself; write the results elsewhere"
+        )
 
 
 def _open(stack: ExitStack, path: str | None, mode: str, default: BinaryIO) -> BinaryIO:

@@ -54,6 +54,13 @@ def count_tasks(source: BinaryIO) -> int | None:
     return None if first == b"[" else count + has_text
 
 
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
+
+
 class Progress:
     """Counts finished tasks, and errors among them, onto a bar.
 
@@ -65,19 +72,33 @@ class Progress:
         from tqdm import tqdm
 
         self._errors = 0
+        # A terminal that reports no width (some `script` sessions) would get
+        # a bar of width 0, which tqdm draws as nothing.
+        sized = _columns() > 0
         self._bar: tqdm[Any] = tqdm(
             total=total,
             unit="task",
             file=sys.stderr,
-            dynamic_ncols=True,
+            dynamic_ncols=sized,
+            ncols=None if sized else 100,
             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} "
             "[{elapsed}<{remaining}, {rate_fmt}{postfix}]",
             postfix="errors 0",
             mininterval=0.2,
         )
 
-    def done(self, *, failed: bool) -> None:
-        """One more task finished, with a result line or without."""
+    def done(self, *, failed: bool, skipped: bool = False) -> None:
+        """One more task finished, with a result line or without.
+
+        A task skipped as answered before (`--resume`) leaves the count of
+        tasks to run instead, so that the rate and the ETA are those of the
+        tasks this run calls the API for.
+        """
+        if skipped:
+            if self._bar.total is not None:
+                self._bar.total -= 1
+                self._bar.update(0)
+            return
         if failed:
             self._errors += 1
             self._bar.set_postfix_str(f"errors {self._errors}", refresh=False)

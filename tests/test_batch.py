@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mesh_node.simulator import prompt_key
-from mesh_node.sink.lines import answered_ids
+from mesh_node.sink.lines import Answered, answered
 
 from .support import REPO, Process, SimulatorProcess, command, run_command, wait_for
 
@@ -55,6 +55,9 @@ def test_ordered_results_follow_the_input(
         f"line {n}" for n in range(1, 42)
     ]
     assert results[-1]["error"]["type"] == "invalid_task"
+    # Read from the answer itself, not the SDK's model of it.
+    assert all(r["metadata"]["requestId"].startswith("req_") for r in results[:-1])
+    assert all(r["metadata"]["usage"]["output_tokens"] > 0 for r in results[:-1])
 
     unordered = tmp_path / "unordered.jsonl"
     done = run_command(
@@ -77,7 +80,10 @@ def test_resume_after_a_kill_calls_only_the_missing_ids(
         f"k{n}": f"[[sim:latency_ms=60]] resume {marker} {n}" for n in range(120)
     }
     source = tmp_path / "tasks.jsonl"
-    _write_tasks(source, [{"id": tid, "prompt": p} for tid, p in prompts.items()])
+    source.write_text("not a task\n")
+    with source.open("a") as tasks:
+        for tid, prompt in prompts.items():
+            tasks.write(json.dumps({"id": tid, "prompt": prompt}) + "\n")
     output = tmp_path / "results.jsonl"
 
     popen = subprocess.Popen(
@@ -96,9 +102,9 @@ def test_resume_after_a_kill_calls_only_the_missing_ids(
     first.kill()
     # As if the kill had come in the middle of a write.
     with output.open("ab") as torn:
-        torn.write(b'{"type": "task_result", "taskId": "k119", "succ')
-    answered = {r["taskId"] for r in _results_whole(output)}
-    assert 60 <= len(answered) < 120
+        torn.write(b'{"type":"task_result","taskId":"k119","succ')
+    answered = {r["taskId"] for r in _results_whole(output)} - {None}
+    assert 59 <= len(answered) < 120
     before = _calls(simulator, prompts)
 
     done = run_command(
@@ -112,6 +118,11 @@ def test_resume_after_a_kill_calls_only_the_missing_ids(
     assert called == set(prompts) - answered
     assert all(_calls(simulator, prompts)[tid] == before[tid] for tid in answered)
     results = _results(output)
+    # The line that was no task was answered by the first run, and only then.
+    assert [r["metadata"]["source"] for r in results if r["taskId"] is None] == [
+        "line 1"
+    ]
+    results = [r for r in results if r["taskId"] is not None]
     assert sorted(r["taskId"] for r in results) == sorted(prompts)
     assert all(r["success"] for r in results)
     skipped = [e for e in _events(done.stderr) if e["event"] == "task.skipped"]
@@ -140,26 +151,87 @@ def test_resume_needs_an_output_file(node_env: dict[str, str], tmp_path: Path) -
     ]
 
 
-def test_answered_ids_skip_cancelled_results_and_cut_a_torn_line(
+def _line(task_id: str | None, error: str | None = None, source: str = "") -> str:
+    result = {
+        "type": "task_result",
+        "taskId": task_id,
+        "error": {"type": error} if error else None,
+        "metadata": {"source": source},
+    }
+    return json.dumps(result, separators=(",", ":"))
+
+
+def test_answered_skips_cancelled_results_and_cuts_only_a_torn_result(
     tmp_path: Path,
 ) -> None:
-    """Cancelled results run again; a torn last line is cut off the file."""
+    """Cancelled results run again; a torn last result is cut off, a whole one
+    that only lacks its newline is kept; lines that were no task count by
+    their source."""
     output = tmp_path / "results.jsonl"
-    whole = (
-        json.dumps({"taskId": "ok", "success": True, "error": None})
-        + "\n"
-        + json.dumps({"taskId": "failed", "error": {"type": "timeout"}})
-        + "\n"
-        + json.dumps({"taskId": "stopped", "error": {"type": "cancelled"}})
-        + "\n"
-        + json.dumps({"taskId": None, "error": {"type": "invalid_task"}})
-        + "\n"
-        + "not json\n"
+    whole = "".join(
+        _line(*fields) + "\n"
+        for fields in [
+            ("ok", None, "line 1"),
+            ("failed", "timeout", "line 2"),
+            ("stopped", "cancelled", "line 3"),
+            (None, "invalid_task", "line 4"),
+        ]
     )
-    output.write_text(whole + '{"taskId": "torn", "succ')
-    assert answered_ids(str(output)) == {"ok", "failed"}
+    output.write_text(whole + _line("torn")[:30])
+    assert answered(str(output)) == Answered(
+        frozenset({"ok", "failed"}), frozenset({"line 4"})
+    )
     assert output.read_text() == whole
-    assert answered_ids(str(tmp_path / "missing.jsonl")) == set()
+
+    output.write_text(whole + _line("last"))
+    assert answered(str(output)).ids == {"ok", "failed", "last"}
+    assert output.read_text() == whole + _line("last") + "\n"
+    assert answered(str(tmp_path / "missing.jsonl")) == Answered()
+
+
+def test_resume_refuses_a_file_that_is_not_results(
+    node_env: dict[str, str], tmp_path: Path
+) -> None:
+    """--resume appends only to an earlier run's output: anything else is
+    refused, exit 2, and left exactly as it was."""
+    source = tmp_path / "tasks.jsonl"
+    _write_tasks(source, [{"id": "n1", "prompt": "x"}])
+    for name, text, number in [
+        ("notes.txt", "my notes, no newline at the end", 1),
+        ("other.jsonl", _line("ok") + "\nnot json\n", 2),
+    ]:
+        output = tmp_path / name
+        output.write_text(text)
+        done = run_command(
+            "batch", str(source), "--output", str(output), "--resume", env=node_env
+        )
+        assert done.returncode == 2
+        assert done.stderr.decode().splitlines() == [
+            f"mesh-node: {output}: line {number} is not a result line; --resume "
+            "appends only to the output of an earlier batch run"
+        ]
+        assert output.read_text() == text
+
+
+def test_output_that_is_the_tasks_file_is_refused(
+    node_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Results never go into the tasks file: it would be emptied before it is
+    read, or, appended to, feed its results back in as tasks."""
+    source = tmp_path / "tasks.jsonl"
+    _write_tasks(source, [{"id": "s1", "prompt": "x"}])
+    text = source.read_text()
+    link = tmp_path / "same.jsonl"
+    link.hardlink_to(source)
+    for extra in ([], ["--resume"]):
+        done = run_command(
+            "batch", str(source), "--output", str(link), *extra, env=node_env
+        )
+        assert done.returncode == 2
+        assert done.stderr.decode().splitlines() == [
+            f"mesh-node: {link}: is the tasks file itself; write the results elsewhere"
+        ]
+        assert source.read_text() == text
 
 
 def test_progress_bar_only_when_asked_or_on_a_terminal(

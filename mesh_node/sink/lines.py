@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Collection
-from typing import TYPE_CHECKING, BinaryIO
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import orjson
 
@@ -34,8 +34,8 @@ class LineSink:
         ordered: write results in the order of their deliveries' `seq`.
         window: with `ordered`, how many finished results may wait for an
             earlier one.
-        done_ids: task ids that already have a result (`batch --resume`);
-            their tasks are skipped without a call and without a line.
+        done: what an earlier run's output answered (`batch --resume`): its
+            tasks are skipped without a call and without a line.
         progress: counts every delivery the worker is done with.
     """
 
@@ -45,27 +45,33 @@ class LineSink:
         *,
         ordered: bool = False,
         window: int = 0,
-        done_ids: Collection[str] = (),
+        done: Answered | None = None,
         progress: Progress | None = None,
     ) -> None:
         self._stream = stream
         self._ordered = ordered
         self._window = max(1, window)
-        self._done_ids = done_ids
+        self._done = done or Answered()
         self._progress = progress
         # With `ordered`: the next position to write, and the lines that
         # wait for it (None: a delivery that ended without a line).
         self._next = 0
         self._waiting: dict[int, bytes | None] = {}
         self._advanced = asyncio.Event()
+        # Positions that failed, or were skipped as answered before, until
+        # `finished` counts them.
         self._failed: set[int] = set()
+        self._skipped: set[int] = set()
 
     async def start(self) -> None:
         """Nothing runs in the background."""
 
     async def acquire(self, delivery: Delivery, task_id: str) -> Start:
         """Every task runs, except one whose id already has a result line."""
-        return Start.DONE if task_id in self._done_ids else Start.RUN
+        if task_id in self._done.ids:
+            self._skipped.add(delivery.seq)
+            return Start.DONE
+        return Start.RUN
 
     async def deliver(self, delivery: Delivery, result: TaskResult) -> None:
         """Writes the result line, or keeps it until its turn comes.
@@ -73,6 +79,10 @@ class LineSink:
         The write blocks the event loop while the reader of stdout is slow; that
         is the backpressure a pipe gives, and a result line is small.
         """
+        if result.taskId is None and delivery.source in self._done.sources:
+            # A line that was no task, answered by the earlier run already.
+            self._skipped.add(delivery.seq)
+            return
         line = result.to_json().encode() + b"\n"
         if not result.success:
             self._failed.add(delivery.seq)
@@ -91,8 +101,12 @@ class LineSink:
         already done, a fault of the node) no longer holds up the ones after it.
         """
         if self._progress is not None:
-            self._progress.done(failed=delivery.seq in self._failed)
+            self._progress.done(
+                failed=delivery.seq in self._failed,
+                skipped=delivery.seq in self._skipped,
+            )
         self._failed.discard(delivery.seq)
+        self._skipped.discard(delivery.seq)
         if self._ordered and delivery.seq >= self._next:
             self._waiting.setdefault(delivery.seq, None)
             with contextlib.suppress(OutputClosedError):
@@ -159,43 +173,86 @@ def _silence(stream: BinaryIO) -> None:
         os.close(devnull)
 
 
-def answered_ids(path: str) -> set[str]:
-    """The task ids an earlier run's output file has answered, for `--resume`.
+# How every result line the node writes begins; a torn last line that begins
+# so was cut short by a kill, anything else is not the node's.
+RESULT_START = b'{"type":"task_result"'
+
+
+class NotResultsError(ValueError):
+    """An output file to resume holds a line that is no result of the node's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answered:
+    """What an earlier run's output file has answered.
+
+    Args:
+        ids: the task ids with a result, `cancelled` ones excepted.
+        sources: where the answered tasks without an id came from (`line 3`):
+            lines that could not be read as a task, answered once is enough.
+    """
+
+    ids: frozenset[str] = frozenset()
+    sources: frozenset[str] = frozenset()
+
+
+def answered(path: str) -> Answered:
+    """Reads back an earlier run's output file, for `--resume`.
 
     A `cancelled` result does not count: its task never ran to the end, and
-    the line the new run writes for it supersedes it. A last line without
-    its newline (the earlier run was killed as it wrote) is cut off, so that
-    the new run appends after a whole line; its task runs again.
+    the line the new run writes for it supersedes it. A last line cut short
+    by a kill is cut off, so that the new run appends after a whole line (its
+    task runs again); a whole last result that only lacks its newline gets
+    one. Nothing else is changed.
 
     Raises:
-        OSError: the file exists but cannot be read or cut.
+        NotResultsError: a line is not a result line: the file is not an
+            earlier run's output, and is left as it was.
+        OSError: the file exists but cannot be read or written.
     """
     ids: set[str] = set()
+    sources: set[str] = set()
     try:
         output = open(path, "r+b")  # noqa: SIM115
     except FileNotFoundError:
-        return ids
+        return Answered()
     with output:
         whole = 0
-        for line in output:
-            if not line.endswith(b"\n"):
+        for number, line in enumerate(output, start=1):
+            result = _result(line)
+            if result is None and not line.endswith(b"\n"):
+                if not line.startswith(RESULT_START):
+                    raise NotResultsError(f"line {number} is not a result line")
                 output.truncate(whole)
                 break
+            if result is None:
+                raise NotResultsError(f"line {number} is not a result line")
+            if not line.endswith(b"\n"):
+                output.seek(0, os.SEEK_END)
+                output.write(b"\n")
             whole += len(line)
-            task_id = _answered(line)
-            if task_id is not None:
-                ids.add(task_id)
-    return ids
+            _note(result, ids, sources)
+    return Answered(frozenset(ids), frozenset(sources))
 
 
-def _answered(line: bytes) -> str | None:
+def _result(line: bytes) -> dict[str, Any] | None:
     try:
         result = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(result, dict):
+    if not isinstance(result, dict) or result.get("type") != "task_result":
         return None
+    return result
+
+
+def _note(result: dict[str, Any], ids: set[str], sources: set[str]) -> None:
     task_id, error = result.get("taskId"), result.get("error")
     if isinstance(error, dict) and error.get("type") == "cancelled":
-        return None
-    return task_id if isinstance(task_id, str) else None
+        return
+    if isinstance(task_id, str):
+        ids.add(task_id)
+        return
+    metadata = result.get("metadata")
+    source = metadata.get("source") if isinstance(metadata, dict) else None
+    if isinstance(source, str):
+        sources.add(source)
