@@ -111,6 +111,8 @@ class Worker:
         self._ready = ready
         self._holding = False
         self._in_flight: set[asyncio.Task[None]] = set()
+        # Set when a task ends or a stop is asked: either frees the loop.
+        self._slot_freed = asyncio.Event()
         self.stopping = stopping or asyncio.Event()
         self._forced = asyncio.Event()
         self.output_closed = False
@@ -126,6 +128,7 @@ class Worker:
             log.warning("worker.forced", extra={"in_flight": len(self._in_flight)})
             self._forced.set()
         self.stopping.set()
+        self._slot_freed.set()
 
     def report(self) -> dict[str, int | str]:
         """What the node is doing now, for its heartbeat."""
@@ -170,13 +173,17 @@ class Worker:
             await self._sink.close()
 
     async def _free_slots(self) -> int:
-        if len(self._in_flight) >= self._concurrency:
-            stop_waiter = asyncio.ensure_future(self.stopping.wait())
-            await asyncio.wait(
-                {*self._in_flight, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
-            )
-            stop_waiter.cancel()
+        # Woken by the task that ends, not by waiting on every task in flight:
+        # `asyncio.wait` on them all costs a callback per task per wake-up,
+        # which at 1,000 in flight took 40% of the node's CPU.
+        while len(self._in_flight) >= self._concurrency and not self.stopping.is_set():
+            self._slot_freed.clear()
+            await self._slot_freed.wait()
         return self._concurrency - len(self._in_flight)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slot_freed.set()
 
     async def _held(self) -> bool:
         """Waits a moment and says so while new tasks must wait (budget spent)."""
@@ -197,7 +204,7 @@ class Worker:
     def _spawn(self, delivery: Delivery) -> None:
         task = asyncio.create_task(self._handle(delivery))
         self._in_flight.add(task)
-        task.add_done_callback(self._in_flight.discard)
+        task.add_done_callback(self._ended)
         task.add_done_callback(lambda _task: self._intake.finished(delivery))
 
     async def _drain(self) -> None:
