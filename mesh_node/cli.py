@@ -268,7 +268,8 @@ def _add_submit(subparsers: Any) -> None:
         type=float,
         default=60.0,
         metavar="S",
-        help="with --wait, how long to wait in seconds (default 60)",
+        help="with --wait, how long to wait in seconds; also the longest a Redis "
+        "outage may hold up adding tasks (default 60)",
     )
     submit_cmd.set_defaults(command=commands.submit)
 

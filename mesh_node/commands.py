@@ -420,7 +420,9 @@ async def submit(args: argparse.Namespace) -> int:
             )
             after = await stream_end(client, keys)
             payloads = read_payloads(source.fileno(), args.file)
-            submitted = await submit_tasks(client, keys, payloads)
+            submitted = await submit_tasks(
+                client, keys, payloads, outage_s=args.timeout
+            )
             if not args.wait:
                 return EXIT_OK
             missing = await wait_for_results(

@@ -5,22 +5,30 @@ rules, is the one place that judges them. Waiting follows each submitted
 entry: its result is the one published with the entry's id as its `source`,
 or, for a task id that already had a result (which the node does not publish
 twice), the stored one.
+
+A Redis outage after the start is ridden out through `RedisLink` (logged once
+when it starts, once when it ends): while adding tasks for at most the
+command's timeout, and while waiting until the timeout. An outage in the
+middle of a pipelined batch may add some of its tasks twice; the node answers
+an id once, and waiting prints one result per entry it knows of.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .constants import FIELD_RESULT, FIELD_TASK, Keys
 from .errors import ConfigError
 from .jsonl import TaskReader
-from .redis_link import Client
+from .redis_link import Client, RedisLink
 from .tasks import is_task_id
 
 log = logging.getLogger(__name__)
@@ -70,17 +78,43 @@ async def stream_end(client: Client, keys: Keys) -> str:
 
 
 async def submit(
-    client: Client, keys: Keys, payloads: Iterator[bytes]
+    client: Client,
+    keys: Keys,
+    payloads: Iterator[bytes],
+    *,
+    outage_s: float = 60.0,
 ) -> list[Submitted]:
-    """Adds every payload to the task stream, in pipelined batches."""
+    """Adds every payload to the task stream, in pipelined batches.
+
+    Args:
+        outage_s: how long a Redis outage may hold up one batch.
+
+    Raises:
+        RedisConnectionError: Redis stayed unreachable for `outage_s`; the
+            message says how many tasks went in before.
+    """
+    link = RedisLink()
     submitted: list[Submitted] = []
     batch: list[bytes] = []
+
+    async def add(chunk: list[bytes]) -> list[Submitted]:
+        try:
+            async with asyncio.timeout(outage_s):
+                return await link.call(
+                    lambda: _add(client, keys, chunk), what="submit.add"
+                )
+        except TimeoutError:
+            raise RedisConnectionError(
+                f"Redis unreachable for {outage_s:g} s while adding tasks; "
+                f"the first {len(submitted)} were added"
+            ) from None
+
     for payload in payloads:
         batch.append(payload)
         if len(batch) >= _PIPELINE_SIZE:
-            submitted += await _add(client, keys, batch)
+            submitted += await add(batch)
             batch = []
-    submitted += await _add(client, keys, batch)
+    submitted += await add(batch)
     log.info("tasks.submitted", extra={"tasks": len(submitted), "stream": keys.tasks})
     return submitted
 
@@ -113,21 +147,38 @@ async def wait_for_results(
         after: the results stream's last entry before the submission.
 
     Returns:
-        The entries still without a result at the timeout.
+        The entries still without a result at the timeout, Redis outages
+        included: one is ridden out until then, and results published
+        meanwhile are read once Redis is back.
     """
     waiting = {entry.entry_id: entry for entry in submitted}
-    deadline_s = time.monotonic() + timeout_s
+    link = RedisLink()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
     cursor = after
     polls = 0
-    while waiting and time.monotonic() < deadline_s:
-        cursor = await _take_published(client, keys, waiting, out, cursor)
-        # Stored results only answer ids settled before this submission (or
-        # by a twin entry); looking them all up on every poll would cost one
-        # MGET of every waiting id five times a second.
-        if polls % _STORED_EVERY_POLLS == 0:
-            await _take_stored(client, keys, waiting, out)
-        polls += 1
-        out.flush()
+
+    async def take_published() -> str:
+        return await _take_published(client, keys, waiting, out, cursor)
+
+    async def take_stored() -> None:
+        await _take_stored(client, keys, waiting, out)
+
+    # Each attempt changes `waiting` only once its reply is in, so a retried
+    # one prints nothing twice.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout_at(deadline):
+            while waiting and loop.time() < deadline:
+                cursor = await link.call(take_published, what="submit.wait")
+                # Stored results only answer ids settled before this
+                # submission (or by a twin entry); looking them all up on
+                # every poll would cost one MGET of every waiting id five
+                # times a second.
+                if polls % _STORED_EVERY_POLLS == 0:
+                    await link.call(take_stored, what="submit.wait")
+                polls += 1
+                out.flush()
+    out.flush()
     return list(waiting.values())
 
 

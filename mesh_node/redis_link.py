@@ -68,6 +68,10 @@ _OUTAGES = (
     SlotNotCoveredError,
 )
 
+# What a cluster node answers the SELECT a connection to a database other
+# than 0 starts with.
+_SELECT_REFUSED = "SELECT is not allowed in cluster mode"
+
 BACKOFF_INITIAL_S = 0.1
 BACKOFF_MAX_S = 2.0
 
@@ -146,7 +150,16 @@ async def _is_cluster(client: aioredis.Redis) -> bool:
     it is the one to use."""
     try:
         info: dict[str, Any] = await client.info("cluster")
-    except ResponseError:
+    except ResponseError as exc:
+        if _SELECT_REFUSED in str(exc):
+            # The URL names a database other than 0, which the connection
+            # selects before INFO: only a cluster node refuses that.
+            db = client.connection_pool.connection_kwargs.get("db")
+            await client.aclose()
+            raise ConfigError(
+                f"configuration error: redisUrl: names database {db}, but a "
+                "Redis Cluster has only database 0; end the URL with /0"
+            ) from None
         # INFO renamed away or refused by an ACL: a cluster would say so
         # with MOVED soon enough; a single Redis works as before.
         return False

@@ -69,7 +69,8 @@ async def _now_ms(client: Client, keys: c.Keys) -> int:
 
 
 async def _stream(client: Client, key: str, group: str) -> dict[str, Any]:
-    report: dict[str, Any] = {"key": key, "length": await client.xlen(key)}
+    length = int(await client.xlen(key))
+    report: dict[str, Any] = {"key": key, "length": length}
     try:
         groups = await client.xinfo_groups(key)
     except ResponseError:
@@ -83,7 +84,7 @@ async def _stream(client: Client, key: str, group: str) -> dict[str, Any]:
         "name": group,
         "exists": True,
         "pending": int(mine.get("pending") or 0),
-        "lag": mine.get("lag"),
+        "lag": _lag(mine.get("lag"), length),
         "last_delivered": _text(mine.get("last-delivered-id")),
         "consumers": [
             {
@@ -95,6 +96,28 @@ async def _stream(client: Client, key: str, group: str) -> dict[str, Any]:
         ],
     }
     return report
+
+
+def _lag(reported: Any, length: int) -> int | None:
+    """The group's lag as XINFO GROUPS reports it, but never more than the
+    stream's length: an entry not yet delivered to the group is still in the
+    stream.
+
+    Redis computes the lag from two counters, the stream's entries added and
+    the group's entries read, which go wrong after a restart from an AOF (or an
+    XSETID, or an XGROUP SETID with ENTRIESREAD): it may then report 1164 for
+    an empty stream.
+
+    Redis 7 answers null when it cannot tell (the group's read counter is
+    unknown and entries were deleted past its last-delivered id, or that id is
+    past the stream's last one), and Redis 6.2 has no lag at all. An empty
+    stream then has no lag for sure; any other is shown as unknown rather than
+    as its length, which would count the pending entries, still in the
+    stream, as lag too.
+    """
+    if reported is None:
+        return 0 if length == 0 else None
+    return max(0, min(int(reported), length))
 
 
 async def _nodes(

@@ -147,6 +147,25 @@ def test_an_untagged_prefix_on_a_cluster_is_refused(
     )
 
 
+@pytest.mark.parametrize("name", ["serve", "submit", "status", "health"])
+def test_a_database_other_than_0_on_a_cluster_is_refused(
+    cluster_env: dict[str, str], redis_cluster: OwnCluster, name: str
+) -> None:
+    """A URL naming database 1 of a cluster node is refused by every command
+    that uses Redis, with exit 2 and one line naming the fix, not a raw
+    SELECT error."""
+    port = redis_cluster.ports[0]
+    url = f"redis://127.0.0.1:{port}/1"
+    args = [name, "-"] if name == "submit" else [name]
+    done = run_command(*args, env={**cluster_env, "REDIS_URL": url})
+    assert done.returncode == 2, done.stderr.decode()
+    assert done.stdout == b""
+    assert done.stderr.decode() == (
+        "mesh-node: configuration error: redisUrl: names database 1, but a Redis "
+        "Cluster has only database 0; end the URL with /0\n"
+    )
+
+
 def test_two_nodes_serve_a_cluster_end_to_end(
     cluster_env: dict[str, str],
     cluster: RedisCluster,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -274,6 +275,152 @@ def test_node_rides_out_a_redis_restart(
     assert names.count("redis.unavailable") == 1
     assert names.count("redis.reconnected") == 1
     assert lines_during <= OUTAGE_S
+
+
+def _finish(process: Process, timeout_s: float) -> tuple[int, bytes]:
+    """Waits for a command's exit; its exit code and everything on stdout."""
+    code = process.popen.wait(timeout_s)
+    assert process.popen.stdout is not None
+    out = process.popen.stdout.read()
+    process.wait()
+    return code, out
+
+
+def test_submit_wait_rides_out_a_redis_restart(
+    node_env: dict[str, str],
+    own_redis: OwnRedis,
+    started: list[Process],
+    tmp_path: Path,
+) -> None:
+    """Redis restarts while `submit --wait` waits: it logs the outage once and
+    prints every result, each once, as the tasks finish on the other side."""
+    env = {**node_env, "REDIS_URL": own_redis.url}
+    prefix = env["MESH_PREFIX"]
+    ids = [f"w{n}" for n in range(40)]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(
+        "".join(
+            json.dumps({"id": i, "prompt": f"[[sim:latency_ms=500]] {i} {prefix}"})
+            + "\n"
+            for i in ids
+        )
+    )
+    node = start_command("serve", "--concurrency", "2", env=env)
+    started.append(node)
+    node.wait_for_event("group.created")
+    submit = start_command("submit", str(tasks), "--wait", "--timeout", "120", env=env)
+    started.append(submit)
+    client = redis.Redis(port=own_redis.port)
+    wait_for(
+        lambda: client.xlen(f"{prefix}results") >= 4,
+        timeout_s=30,
+        what="a few results before the outage",
+    )
+    client.close()
+
+    own_redis.stop()
+    submit.wait_for_event("redis.unavailable")
+    time.sleep(3)  # the outage itself, as long as the one the tester made
+    own_redis.start()
+
+    code, out = _finish(submit, timeout_s=120)
+    assert code == 0, submit.stderr_text()
+    printed = [json.loads(line) for line in out.splitlines()]
+    assert sorted(r["taskId"] for r in printed) == sorted(ids)
+    assert all(r["success"] for r in printed)
+    names = submit.event_names()
+    assert names.count("redis.unavailable") == 1
+    assert names.count("redis.reconnected") == 1
+    assert "redis.failed" not in names
+    assert node.stop() == 0
+
+
+def test_submit_wait_gives_up_on_a_redis_outage_at_its_timeout(
+    node_env: dict[str, str], own_redis: OwnRedis, started: list[Process]
+) -> None:
+    """Redis goes away for good while `submit --wait` waits: it exits 1 at its
+    timeout, saying which results are missing, not at the first error."""
+    env = {**node_env, "REDIS_URL": own_redis.url}
+    tasks = b"".join(
+        json.dumps({"id": f"g{n}", "prompt": "x"}).encode() + b"\n" for n in range(3)
+    )
+    submit = start_command(
+        "submit", "-", "--wait", "--timeout", "6", env=env, stdin_pipe=True
+    )
+    started.append(submit)
+    assert submit.popen.stdin is not None
+    submit.popen.stdin.write(tasks)
+    submit.popen.stdin.close()
+    submit.wait_for_event("tasks.submitted")
+    own_redis.stop()
+    began_s = time.monotonic()
+
+    code, out = _finish(submit, timeout_s=30)
+    assert code == 1
+    assert out == b""
+    assert time.monotonic() - began_s < 15
+    names = submit.event_names()
+    assert names.count("redis.unavailable") == 1
+    assert "redis.reconnected" not in names
+    assert "redis.failed" not in names
+    timeout = submit.wait_for_event("submit.timeout")
+    assert (timeout["missing"], timeout["first_missing"]) == (3, ["g0", "g1", "g2"])
+
+
+def _lines(first: int, count: int) -> bytes:
+    return b"".join(
+        json.dumps({"id": f"a{n}", "prompt": "x"}).encode() + b"\n"
+        for n in range(first, first + count)
+    )
+
+
+@pytest.mark.parametrize("comes_back", [True, False])
+def test_submit_rides_out_a_redis_outage_while_adding_tasks(
+    node_env: dict[str, str],
+    own_redis: OwnRedis,
+    started: list[Process],
+    comes_back: bool,
+) -> None:
+    """Redis goes down between two batches of XADDs: the second is added once
+    Redis is back, or, when it stays away past `--timeout`, submit exits 1
+    saying how many tasks went in."""
+    env = {**node_env, "REDIS_URL": own_redis.url}
+    stream = f"{env['MESH_PREFIX']}tasks"
+    submit = start_command("submit", "-", "--timeout", "4", env=env, stdin_pipe=True)
+    started.append(submit)
+    stdin = submit.popen.stdin
+    assert stdin is not None
+    # 500 tasks make one pipelined batch, sent before the input ends.
+    stdin.write(_lines(0, 500))
+    stdin.flush()
+    client = redis.Redis(port=own_redis.port)
+    wait_for(lambda: client.xlen(stream) == 500, timeout_s=20, what="the first batch")
+    client.close()
+
+    own_redis.stop()
+    stdin.write(_lines(500, 10))
+    stdin.close()
+    submit.wait_for_event("redis.unavailable")
+    if not comes_back:
+        code, _out = _finish(submit, timeout_s=30)
+        assert code == 1
+        failed = submit.wait_for_event("redis.failed")
+        assert failed["error"] == (
+            "Redis unreachable for 4 s while adding tasks; the first 500 were added"
+        )
+        return
+    own_redis.start()
+    code, _out = _finish(submit, timeout_s=30)
+    assert code == 0, submit.stderr_text()
+    client = redis.Redis(port=own_redis.port)
+    try:
+        assert client.xlen(stream) == 510
+    finally:
+        client.close()
+    names = submit.event_names()
+    assert names.count("redis.unavailable") == 1
+    assert names.count("redis.reconnected") == 1
+    assert submit.wait_for_event("tasks.submitted")["tasks"] == 510
 
 
 @pytest.mark.parametrize(

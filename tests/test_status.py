@@ -141,6 +141,74 @@ def test_status_before_anything_exists_and_without_redis(
     assert json.loads(line)["event"] == "redis.failed"
 
 
+def _group_line(env: dict[str, str]) -> str:
+    done = run_command("status", env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    (line,) = [
+        text for text in done.stdout.decode().splitlines() if text.startswith("group")
+    ]
+    return line
+
+
+def _reported_lag(rdb: redis.Redis, stream: str) -> Any:
+    (group,) = rdb.xinfo_groups(stream)
+    return group["lag"]
+
+
+def test_status_lag_is_never_more_than_the_stream_holds(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str
+) -> None:
+    """A group whose read counter went wrong (as after a restart from an AOF)
+    makes Redis report more lag than the stream has entries; status does not."""
+    stream = f"{prefix}tasks"
+    ids = [add_task(rdb, prefix, {"id": f"l{n}", "prompt": "x"}) for n in range(5)]
+    rdb.xgroup_create(stream, "mesh-nodes", id="0")
+    rdb.xreadgroup("mesh-nodes", "gone", {stream: ">"})
+    rdb.xack(stream, "mesh-nodes", *ids)
+    rdb.xdel(stream, *ids)
+    rdb.xgroup_delconsumer(stream, "mesh-nodes", "gone")
+    rdb.xgroup_setid(stream, "mesh-nodes", "$", entries_read=0)
+    assert (rdb.xlen(stream), _reported_lag(rdb, stream)) == (0, 5)
+
+    group = status(node_env)["tasks"]["group"]
+    assert (group["pending"], group["lag"]) == (0, 0)
+    assert _group_line(node_env) == (
+        "group        mesh-nodes               pending 0  lag 0  consumers 0"
+    )
+
+    # Two entries not delivered yet: the lag is theirs, not Redis's 7.
+    for n in range(2):
+        add_task(rdb, prefix, {"id": f"m{n}", "prompt": "x"})
+    assert (rdb.xlen(stream), _reported_lag(rdb, stream)) == (2, 7)
+    assert status(node_env)["tasks"]["group"]["lag"] == 2
+
+
+def test_status_lag_that_redis_cannot_tell(
+    node_env: dict[str, str], rdb: redis.Redis, prefix: str
+) -> None:
+    """Redis 7 reports no lag for a group whose read counter is unknown with
+    entries deleted past it: none waits in an empty stream; otherwise status
+    says it does not know."""
+    stream = f"{prefix}tasks"
+    first, _second, third = (
+        add_task(rdb, prefix, {"id": f"u{n}", "prompt": "x"}) for n in range(3)
+    )
+    rdb.xgroup_create(stream, "mesh-nodes", id="0")
+    # No ENTRIESREAD: the group's read counter is unknown.
+    rdb.xgroup_setid(stream, "mesh-nodes", first)
+    rdb.xdel(stream, third)
+    assert (rdb.xlen(stream), _reported_lag(rdb, stream)) == (2, None)
+    assert status(node_env)["tasks"]["group"]["lag"] is None
+    assert _group_line(node_env) == (
+        "group        mesh-nodes               pending 0  lag unknown  consumers 0"
+    )
+
+    rdb.xtrim(stream, maxlen=0)
+    rdb.xgroup_setid(stream, "mesh-nodes", "99999999999999-0")
+    assert (rdb.xlen(stream), _reported_lag(rdb, stream)) == (0, None)
+    assert status(node_env)["tasks"]["group"]["lag"] == 0
+
+
 def test_status_watch_repeats_until_interrupted(node_env: dict[str, str]) -> None:
     watch = subprocess.Popen(
         command("status", "--json", "--watch", "0.2"),
