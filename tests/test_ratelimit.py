@@ -283,3 +283,33 @@ def test_the_running_total_matches_the_window_through_settles_and_ageing(
     # t0 settled to 5, t1 to 0, t2 holds 30; t3 was never admitted.
     assert total_after_settle == held_after_settle == 35
     assert total_aged == held_aged
+
+
+def test_memory_windows_do_not_grow_with_the_calls_they_have_counted() -> None:
+    """An hour's window at a high limit holds what its calls cost, not one
+    entry per call: a 100,000-task batch must not grow the node's memory
+    (issue 7). The limit still holds to the call."""
+    hour = Window("requests_per_hour", 20_000, 3_600_000)
+    tokens = Window("tokens_per_hour", 10_000_000, 3_600_000, Unit.TOKENS)
+    call = Call("claude-test", 10, 20)
+
+    async def scenario() -> tuple[int, int]:
+        backend = MemoryLimitBackend()
+        limiter = Limiter(backend, [hour, tokens])
+        deadline_s = time.monotonic() + 60
+        for number in range(hour.limit):
+            reservation = await limiter.acquire(call, deadline_s=deadline_s)
+            # Half settle to what they reserved, half to less.
+            output = 20 if number % 2 else 5
+            await limiter.settle(
+                reservation, call, input_tokens=10, output_tokens=output
+            )
+        entries = max(len(w.entries) for w in backend._windows.values())
+        verdict = await backend.acquire([hour], [1], "one-more", dry_run=True)
+        return entries, verdict.wait_ms
+
+    entries, wait_ms = _run(scenario())
+    # Settled calls of one second merge; at most a compaction's worth of
+    # entries (1,024) wait for the next one.
+    assert entries <= 1_100
+    assert wait_ms > 3_500_000

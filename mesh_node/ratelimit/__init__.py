@@ -95,6 +95,10 @@ class LimitBackend(Protocol):
         """Replaces a reservation's costs with what was actually used."""
         ...
 
+    def forget(self, windows: list[Window], token: str) -> None:
+        """Told that a reservation was used as reserved and needs no settling."""
+        ...
+
     async def pause(self, duration_ms: int, reason: str) -> None:
         """Stops all work on the key for a while (extends, never shortens)."""
         ...

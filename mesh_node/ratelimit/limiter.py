@@ -152,6 +152,8 @@ class Limiter:
             await self._backend.settle(
                 self._windows, reservation.token, reservation.costs, actual
             )
+        else:
+            self._backend.forget(self._windows, reservation.token)
 
     def rekey(self, api_key: str) -> None:
         """Counts from now on against the windows of a new API key."""

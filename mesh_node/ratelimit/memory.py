@@ -8,12 +8,18 @@ from dataclasses import dataclass, field
 
 from . import SAFETY_MS, Verdict, Window
 
+# Settled entries of one second are kept as one: the window then holds some
+# 3,600 entries an hour, whatever the rate, and not one per call.
+_BUCKET_MS = 1000
+# Entries added between two compactions, at least.
+_COMPACT_EVERY = 1024
 
-@dataclass
+
+@dataclass(slots=True)
 class _Entry:
     at_ms: int
-    token: str
     cost: int
+    settled: bool = False
 
 
 @dataclass
@@ -21,23 +27,64 @@ class _Window:
     """One window's entries, oldest first, with their running total.
 
     The total and the index by token keep admission and settlement O(1) in
-    the number of entries, which an hour's window at a high limit makes large.
+    the number of entries. Once settled (or forgotten: used as reserved), an
+    entry leaves the index, and from time to time the settled entries of each
+    second are merged into one that ages out at the last of their times, so
+    that memory does not grow with the calls a window has counted.
     """
 
     entries: deque[_Entry] = field(default_factory=deque)
     used: int = 0
     by_token: dict[str, _Entry] = field(default_factory=dict)
+    _compact_at: int = _COMPACT_EVERY
 
     def purge(self, before_ms: int) -> None:
         while self.entries and self.entries[0].at_ms <= before_ms:
             gone = self.entries.popleft()
             self.used -= gone.cost
-            self.by_token.pop(gone.token, None)
+        # A reservation never settled (its task cancelled) leaves the index
+        # when its entry leaves the window.
+        oldest_ms = self.entries[0].at_ms if self.entries else None
+        while self.by_token:
+            token, entry = next(iter(self.by_token.items()))
+            if oldest_ms is not None and entry.at_ms >= oldest_ms:
+                break
+            del self.by_token[token]
 
-    def add(self, entry: _Entry) -> None:
+    def add(self, token: str, entry: _Entry) -> None:
         self.entries.append(entry)
         self.used += entry.cost
-        self.by_token[entry.token] = entry
+        self.by_token[token] = entry
+        if len(self.entries) >= self._compact_at:
+            self._compact()
+
+    def settle(self, token: str, cost: int) -> None:
+        entry = self.by_token.pop(token, None)
+        if entry is not None:
+            self.used += cost - entry.cost
+            entry.cost = cost
+            entry.settled = True
+
+    def _compact(self) -> None:
+        # A merged entry ages out with the latest of its calls: up to a
+        # second late for the others, which only ever makes room later.
+        merged: deque[_Entry] = deque()
+        start_ms = 0
+        for entry in self.entries:
+            last = merged[-1] if merged else None
+            if (
+                last is not None
+                and last.settled
+                and entry.settled
+                and entry.at_ms - start_ms < _BUCKET_MS
+            ):
+                last.at_ms = entry.at_ms
+                last.cost += entry.cost
+                continue
+            merged.append(entry)
+            start_ms = entry.at_ms
+        self.entries = merged
+        self._compact_at = 2 * len(merged) + _COMPACT_EVERY
 
 
 @dataclass
@@ -73,7 +120,7 @@ class MemoryLimitBackend:
             return verdict
         for window, cost in zip(windows, costs, strict=True):
             if cost > 0:
-                self._window(window).add(_Entry(now_ms, token, cost))
+                self._window(window).add(token, _Entry(now_ms, cost))
         return verdict
 
     async def settle(
@@ -81,12 +128,16 @@ class MemoryLimitBackend:
     ) -> None:
         """Replaces a reservation's costs with what was actually used."""
         for window, new_cost in zip(windows, actual, strict=True):
-            state = self._window(window)
-            entry = state.by_token.get(token)
-            if entry is not None:
-                # A zero-cost entry stays until it ages out; it counts nothing.
-                state.used += new_cost - entry.cost
-                entry.cost = new_cost
+            # A zero-cost entry stays until it ages out; it counts nothing.
+            self._window(window).settle(token, new_cost)
+
+    def forget(self, windows: list[Window], token: str) -> None:
+        """Marks a reservation used as reserved: its entry may now merge."""
+        for window in windows:
+            state = self._windows.get(window.name)
+            entry = state.by_token.get(token) if state is not None else None
+            if state is not None and entry is not None:
+                state.settle(token, entry.cost)
 
     async def pause(self, duration_ms: int, reason: str) -> None:
         """Stops all work on the key for a while (extends, never shortens)."""

@@ -171,6 +171,9 @@ class RedisLimitBackend:
             lambda: self._settle(keys=keys, args=args), what="limiter"
         )
 
+    def forget(self, windows: list[Window], token: str) -> None:
+        """Nothing to do: a reservation's entry ages out of Redis by itself."""
+
     async def pause(self, duration_ms: int, reason: str) -> None:
         """Stops all work on the key for a while (extends, never shortens)."""
         if duration_ms > 0:
