@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -26,8 +25,6 @@ if TYPE_CHECKING:
     import anthropic
 
     from .egress import EgressProxy
-
-log = logging.getLogger(__name__)
 
 TRANSPORT_AIOHTTP = "aiohttp"
 TRANSPORT_HTTPX = "httpx"
