@@ -192,7 +192,7 @@ def _add_serve(subparsers: Any) -> None:
     serve = subparsers.add_parser(
         "serve",
         parents=[_common(), _redis_options(), _node_options()],
-        help="consume the task stream until SIGTERM",
+        help="consume the task stream until SIGTERM or SIGINT",
         description="Consumes the task stream through a consumer group and "
         "publishes one result per task, until SIGTERM or SIGINT.",
     )

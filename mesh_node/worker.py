@@ -30,7 +30,7 @@ from .errors import (
 )
 from .executor import Executor
 from .intake import Delivery, Intake
-from .sink import Sink, Start
+from .sink import AlreadyAnsweredError, Sink, Start
 from .tasks import Task, TaskResult
 
 log = logging.getLogger(__name__)
@@ -282,6 +282,14 @@ class Worker:
             raise
         except TaskDeferredError as exc:
             await self._defer(delivery, task_id, exc)
+            return
+        except AlreadyAnsweredError:
+            self.counts["skipped"] += 1
+            self._observer.ended_without_result("skipped", str(Start.DONE))
+            log.info(
+                "task.skipped",
+                extra={"task_id": None, "source": delivery.source, "reason": "done"},
+            )
             return
         except OutputClosedError:
             if not self.output_closed:

@@ -16,8 +16,5 @@ source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 ensure_redis_server
 ensure_venv
-if ! "$venv/bin/python" -c 'import psutil' 2>/dev/null; then
-  say "installing the bench extra into $venv ..."
-  "$venv/bin/python" -m pip install --quiet -e "${repo_root}[dev,bench]"
-fi
+ensure_bench_extra
 exec "$venv/bin/python" -m bench.scale "$@"

@@ -16,16 +16,5 @@ source "$(dirname "$0")/lib.sh"
 cd "$repo_root"
 ensure_redis_server
 ensure_venv
-
-# The bench extra (the peer, psutil, matplotlib) is no part of the node, so
-# ensure_venv leaves it out; it is added here once.
-if ! "$venv/bin/python" -c 'import taskiq_redis, psutil, matplotlib' 2>/dev/null; then
-  say "installing the bench extra into $venv ..."
-  if ! "$venv/bin/python" -m pip install --quiet -e "${repo_root}[dev,bench]" \
-    >"$venv/install-bench.log" 2>&1; then
-    cat "$venv/install-bench.log" >&2
-    say "installing the bench extra failed; the log is above"
-    exit 1
-  fi
-fi
+ensure_bench_extra
 exec "$venv/bin/python" -m bench.run "$@"

@@ -70,3 +70,17 @@ ensure_redis_server() {
 free_port() {
   "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
+
+# The bench extra (the peer, psutil, matplotlib) is no part of the node, so
+# ensure_venv leaves it out; the benchmarks add it once.
+ensure_bench_extra() {
+  if ! "$venv/bin/python" -c 'import taskiq_redis, psutil, matplotlib' 2>/dev/null; then
+    say "installing the bench extra into $venv ..."
+    if ! "$venv/bin/python" -m pip install --quiet -e "${repo_root}[dev,bench]" \
+      >"$venv/install-bench.log" 2>&1; then
+      cat "$venv/install-bench.log" >&2
+      say "installing the bench extra failed; the log is above"
+      exit 1
+    fi
+  fi
+}

@@ -125,9 +125,13 @@ def test_resume_after_a_kill_calls_only_the_missing_ids(
     results = [r for r in results if r["taskId"] is not None]
     assert sorted(r["taskId"] for r in results) == sorted(prompts)
     assert all(r["success"] for r in results)
-    skipped = [e for e in _events(done.stderr) if e["event"] == "task.skipped"]
-    assert len(skipped) == len(answered)
+    events = _events(done.stderr)
+    skipped = [e for e in events if e["event"] == "task.skipped"]
+    # The answered ids, and the line that was no task.
+    assert len(skipped) == len(answered) + 1
     assert {e["reason"] for e in skipped} == {"done"}
+    stopped = next(e for e in events if e["event"] == "node.stopped")
+    assert (stopped["skipped"], stopped["failed"]) == (len(answered) + 1, 0)
 
 
 def _results_whole(path: Path) -> list[dict[str, Any]]:
@@ -155,6 +159,7 @@ def _line(task_id: str | None, error: str | None = None, source: str = "") -> st
     result = {
         "type": "task_result",
         "taskId": task_id,
+        "success": error is None,
         "error": {"type": error} if error else None,
         "metadata": {"source": source},
     }
@@ -199,6 +204,7 @@ def test_resume_refuses_a_file_that_is_not_results(
     for name, text, number in [
         ("notes.txt", "my notes, no newline at the end", 1),
         ("other.jsonl", _line("ok") + "\nnot json\n", 2),
+        ("bare.jsonl", '{"type":"task_result","taskId":"x"}\n', 1),
     ]:
         output = tmp_path / name
         output.write_text(text)

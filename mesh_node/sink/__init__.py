@@ -13,6 +13,11 @@ from ..intake import Delivery
 from ..tasks import TaskResult
 
 
+class AlreadyAnsweredError(Exception):
+    """Raised by `deliver` for a result an earlier run already wrote (a line
+    that was no task, resumed by `batch --resume`): the task is skipped."""
+
+
 class Start(enum.StrEnum):
     """What the sink says when a task asks to run."""
 

@@ -20,7 +20,7 @@ import orjson
 from ..errors import OutputClosedError
 from ..intake import Delivery
 from ..tasks import TaskResult
-from . import Start
+from . import AlreadyAnsweredError, Start
 
 if TYPE_CHECKING:
     from ..progress import Progress
@@ -82,7 +82,7 @@ class LineSink:
         if result.taskId is None and delivery.source in self._done.sources:
             # A line that was no task, answered by the earlier run already.
             self._skipped.add(delivery.seq)
-            return
+            raise AlreadyAnsweredError(delivery.source)
         line = result.to_json().encode() + b"\n"
         if not result.success:
             self._failed.add(delivery.seq)
@@ -240,7 +240,12 @@ def _result(line: bytes) -> dict[str, Any] | None:
         result = orjson.loads(line)
     except orjson.JSONDecodeError:
         return None
-    if not isinstance(result, dict) or result.get("type") != "task_result":
+    if (
+        not isinstance(result, dict)
+        or result.get("type") != "task_result"
+        or not isinstance(result.get("success"), bool)
+        or not isinstance(result.get("metadata"), dict)
+    ):
         return None
     return result
 
