@@ -6,7 +6,6 @@ Nothing here touches the machine's shared Redis: each test run starts its own
 
 from __future__ import annotations
 
-import json
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -16,8 +15,6 @@ import pytest
 import redis
 
 from .support import (
-    FAKE_KEY,
-    TEST_CONFIG,
     OwnCluster,
     OwnRedis,
     Process,
@@ -25,6 +22,7 @@ from .support import (
     SimulatorProcess,
     clean_env,
     free_port,
+    node_environment,
     pings,
     redis_server_binary,
     start_command,
@@ -95,17 +93,7 @@ def node_env(
     redis_server: RedisServer, simulator: SimulatorProcess, prefix: str, tmp_path: Path
 ) -> dict[str, str]:
     """The environment of a node under test: private Redis, simulator, fake key."""
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps(TEST_CONFIG))
-    env = clean_env()
-    env.update(
-        ANTHROPIC_API_KEY=FAKE_KEY,
-        ANTHROPIC_BASE_URL=simulator.base_url,
-        REDIS_URL=redis_server.url,
-        MESH_PREFIX=prefix,
-        MESH_CONFIG=str(config),
-    )
-    return env
+    return node_environment(redis_server.url, simulator.base_url, prefix, tmp_path)
 
 
 @pytest.fixture

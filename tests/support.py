@@ -200,6 +200,24 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def node_environment(
+    redis_url: str, api_url: str, prefix: str, workdir: Path
+) -> dict[str, str]:
+    """The environment of a node under test: its Redis, the simulator, a fake
+    key, a key prefix and the tests' configuration (written to `workdir`)."""
+    config = workdir / "config.json"
+    config.write_text(json.dumps(TEST_CONFIG))
+    env = clean_env()
+    env.update(
+        ANTHROPIC_API_KEY=FAKE_KEY,
+        ANTHROPIC_BASE_URL=api_url,
+        REDIS_URL=redis_url,
+        MESH_PREFIX=prefix,
+        MESH_CONFIG=str(config),
+    )
+    return env
+
+
 def command(*args: str) -> list[str]:
     """The argument list that runs `mesh-node` with these arguments."""
     return [sys.executable, "-m", "mesh_node", *args]

@@ -30,11 +30,10 @@ from mesh_node.settings import Settings
 
 from .support import (
     FAKE_KEY,
-    TEST_CONFIG,
     OwnCluster,
     Process,
     SimulatorProcess,
-    clean_env,
+    node_environment,
     run_command,
     start_command,
     wait_for,
@@ -45,17 +44,7 @@ PREFIX = "{mesh}:"
 
 
 def _node_env(url: str, simulator: SimulatorProcess, workdir: Path) -> dict[str, str]:
-    config = workdir / "config.json"
-    config.write_text(json.dumps(TEST_CONFIG))
-    env = clean_env()
-    env.update(
-        ANTHROPIC_API_KEY=FAKE_KEY,
-        ANTHROPIC_BASE_URL=simulator.base_url,
-        REDIS_URL=url,
-        MESH_PREFIX=PREFIX,
-        MESH_CONFIG=str(config),
-    )
-    return env
+    return node_environment(url, simulator.base_url, PREFIX, workdir)
 
 
 @pytest.fixture
