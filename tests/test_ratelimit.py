@@ -125,6 +125,107 @@ def test_pause_stops_everything_for_its_duration(make_backend: Backends) -> None
     assert reason == "the API said 429"
 
 
+def test_many_are_admitted_in_order_while_they_fit(make_backend: Backends) -> None:
+    """One request for many calls admits them in order until one does not fit;
+    a smaller call behind it does not jump the queue, and the answer is the
+    wait of the first left out."""
+
+    async def scenario() -> tuple[int, int, int, int, int]:
+        backend = make_backend()
+        costs = [40, 30, 50, 10]
+        requests = [(f"t{n}", [cost]) for n, cost in enumerate(costs)]
+        admitted, verdict = await backend.acquire_many([TOKENS], requests)
+        # 40 + 30 fit in 100, 50 does not, and 10 waits behind it.
+        after, _verdict = await backend.acquire_many([TOKENS], [("t4", [31])])
+        room = await backend.acquire([TOKENS], [1], "peek", dry_run=True)
+        return admitted, verdict.wait_ms, verdict.window, after, room.wait_ms
+
+    admitted, wait_ms, window, after, room_ms = make_backend.run(scenario)
+    assert (admitted, window, after) == (2, 0, 0)
+    assert wait_ms > 0
+    # 70 of 100 are held: 31 more do not fit, 1 does.
+    assert room_ms == 0
+
+
+def test_many_stop_at_one_that_can_never_fit(make_backend: Backends) -> None:
+    """A call larger than the whole limit ends the batch with -1, after the
+    calls before it were admitted."""
+
+    async def scenario() -> tuple[int, int]:
+        backend = make_backend()
+        requests = [("a", [10]), ("huge", [101]), ("b", [10])]
+        admitted, verdict = await backend.acquire_many([TOKENS], requests)
+        return admitted, verdict.wait_ms
+
+    assert make_backend.run(scenario) == (1, -1)
+
+
+def test_concurrent_calls_share_round_trips(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Calls that queue together are admitted together: 200 at once take a
+    handful of Redis scripts, not 200, and every one gets its own entry."""
+    window = Window("requests_per_minute", 1_000, 60_000)
+
+    async def scenario() -> tuple[int, int, int]:
+        client = connect(redis_server.url, max_connections=4)
+        backend = RedisLimitBackend(client, RedisLink(), prefix, FAKE_KEY)
+        limiter = Limiter(backend, [window])
+        call = Call("m", 10, 10)
+        before: Any = await client.info("commandstats")
+        deadline_s = time.monotonic() + 30
+        reservations = await asyncio.gather(
+            *(limiter.acquire(call, deadline_s=deadline_s) for _ in range(200))
+        )
+        after: Any = await client.info("commandstats")
+        zset = f"{prefix}limit:{key_id(FAKE_KEY)}:{window.name}"
+        held = int(await client.zcard(zset))
+        await client.aclose()
+        scripts = sum(
+            after.get(name, {}).get("calls", 0) - before.get(name, {}).get("calls", 0)
+            for name in ("cmdstat_evalsha", "cmdstat_eval")
+        )
+        return len({r.token for r in reservations}), held, scripts
+
+    tokens, held, scripts = _run(scenario())
+    assert tokens == held == 200
+    assert scripts <= 10
+
+
+def test_a_call_that_stops_waiting_takes_no_room(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """A queued call cancelled (its deadline, a shutdown) is passed over: the
+    call behind it is admitted when room frees, and the cancelled one never
+    is."""
+    window = Window("requests_per_second", 1, 300)
+
+    async def scenario() -> tuple[bool, int]:
+        client = connect(redis_server.url, max_connections=4)
+        limiter = Limiter(
+            RedisLimitBackend(client, RedisLink(), prefix, FAKE_KEY), [window]
+        )
+        call = Call("m", 10, 10)
+        deadline_s = time.monotonic() + 10
+        before: Any = await client.info("commandstats")
+        await limiter.acquire(call, deadline_s=deadline_s)
+        doomed = asyncio.create_task(limiter.acquire(call, deadline_s=deadline_s))
+        behind = asyncio.create_task(limiter.acquire(call, deadline_s=deadline_s))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.wait_for(behind, timeout=5)
+        after: Any = await client.info("commandstats")
+        await client.aclose()
+        return doomed.cancelled(), after["cmdstat_zadd"]["calls"] - before.get(
+            "cmdstat_zadd", {}
+        ).get("calls", 0)
+
+    cancelled, entries_added = _run(scenario())
+    assert cancelled
+    # The first call and `behind`; none for the cancelled call.
+    assert entries_added == 2
+
+
 def test_dry_run_takes_no_room(make_backend: Backends) -> None:
     """Asking whether there is room does not use it."""
 

@@ -89,6 +89,17 @@ class LimitBackend(Protocol):
         """Admits the costs in every window at once, or says how long to wait."""
         ...
 
+    async def acquire_many(
+        self, windows: list[Window], requests: list[tuple[str, list[int]]]
+    ) -> tuple[int, Verdict]:
+        """Admits `(token, costs)` requests in order while they fit.
+
+        Returns:
+            How many were admitted, and the verdict on the first that was not
+            (`Verdict(0)` when all were).
+        """
+        ...
+
     async def settle(
         self, windows: list[Window], token: str, reserved: list[int], actual: list[int]
     ) -> None:

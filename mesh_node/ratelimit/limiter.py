@@ -1,18 +1,24 @@
 """The limiter's policy: what a call reserves, how long it may wait, when to pause.
 
-Waiting is fair within a process (one FIFO queue: the head asks the backend,
-the rest wait their turn) and bounded by each task's deadline: a task that
-cannot get room before its deadline fails at once instead of holding a slot.
+Waiting is fair within a process and bounded by each task's deadline: calls
+queue in order, and one driver asks the backend for the head of the queue and
+those behind it at once, admitted in order while they fit, so that a busy
+node makes one round trip for many calls rather than one each, in turn. A
+task that cannot get room before its deadline fails at once instead of
+holding a slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import datetime as dt
+import itertools
 import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 # nothing about when it lifts): long enough not to hammer, short enough that a
 # raised limit is noticed.
 DEFAULT_PAUSE_S = 60.0
+# Calls asked for in one round trip at most.
+ADMIT_BATCH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,17 @@ class Reservation:
     this process's other calls."""
 
 
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    """A call in the queue, and where its reservation (or refusal) goes."""
+
+    token: str
+    costs: list[int]
+    deadline_s: float
+    started_s: float
+    answer: asyncio.Future[Reservation]
+
+
 class Limiter:
     """Paces the calls of one API key within its windows.
 
@@ -80,7 +99,8 @@ class Limiter:
         self._windows = windows
         self._budget_fails = budget_fails
         self._prices = dict(prices or {})
-        self._queue = asyncio.Lock()
+        self._waiting: deque[_Waiter] = deque()
+        self._driver: asyncio.Task[None] | None = None
 
     async def acquire(self, call: Call, *, deadline_s: float) -> Reservation:
         """Waits for room for one call, in turn, until the deadline at most.
@@ -90,28 +110,87 @@ class Limiter:
                 come before the deadline or the call can never fit.
         """
         costs = [self._cost(window, call) for window in self._windows]
-        token = uuid.uuid4().hex[:16]
-        started_s = time.monotonic()
-        # Waiting behind this process's other calls, until a window says more.
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(
+            uuid.uuid4().hex[:16],
+            costs,
+            deadline_s,
+            time.monotonic(),
+            loop.create_future(),
+        )
+        self._waiting.append(waiter)
+        if self._driver is None or self._driver.done():
+            # In a context of its own: the driver serves every task, so its
+            # log lines must not carry the first one's trace.
+            self._driver = loop.create_task(
+                self._drive(), context=contextvars.Context()
+            )
+        # Cancelled (the task's deadline, a shutdown), the answer is
+        # cancelled with it and the driver passes it over.
+        return await waiter.answer
+
+    async def _drive(self) -> None:
+        """Serves the queue until it is empty, head first."""
+        # What the queue waited for last: every call admitted after that wait
+        # says so, as a lone call did before.
         waited_for = "turn"
-        async with self._queue:
+        try:
             while True:
-                verdict = await self._backend.acquire(
-                    self._windows, costs, token, dry_run=False
-                )
-                if verdict.wait_ms == 0:
-                    waited_s = time.monotonic() - started_s
-                    return Reservation(token, costs, waited_s, waited_for)
-                self._refuse_if_hopeless(verdict, deadline_s)
-                waited_for = "pause" if verdict.paused_ms else self._which(verdict)
-                log.debug(
-                    "limiter.waiting",
-                    extra={
-                        "wait_ms": verdict.wait_ms,
-                        "paused": bool(verdict.paused_ms),
-                    },
-                )
-                await asyncio.sleep(verdict.wait_ms / 1000)
+                while self._waiting and self._waiting[0].answer.done():
+                    self._waiting.popleft()
+                if not self._waiting:
+                    return
+                waited_for = await self._admit(waited_for)
+        except Exception as exc:
+            # No call is left waiting on a driver that has stopped: a fault of
+            # its own reaches every call still queued.
+            for w in self._waiting:
+                _answer(w, exc)
+            self._waiting.clear()
+        except BaseException:
+            for w in self._waiting:
+                w.answer.cancel()
+            self._waiting.clear()
+            raise
+
+    async def _admit(self, waited_for: str) -> str:
+        """One round trip for the head and those behind it; waits if it must.
+
+        Returns:
+            What the queue waits for now.
+        """
+        batch = [
+            w
+            for w in itertools.islice(self._waiting, ADMIT_BATCH)
+            if not w.answer.done()
+        ]
+        try:
+            admitted, verdict = await self._backend.acquire_many(
+                self._windows, [(w.token, w.costs) for w in batch]
+            )
+        except Exception as exc:
+            # The head gets the error, as the one call that made the request
+            # would have; the rest try again behind it.
+            _answer(batch[0], exc)
+            return waited_for
+        now_s = time.monotonic()
+        for w in batch[:admitted]:
+            _answer(w, Reservation(w.token, w.costs, now_s - w.started_s, waited_for))
+        if admitted == len(batch):
+            return "turn"
+        head = batch[admitted]
+        try:
+            self._refuse_if_hopeless(verdict, head.deadline_s)
+        except TaskError as exc:
+            _answer(head, exc)
+            return waited_for
+        log.debug(
+            "limiter.waiting",
+            extra={"wait_ms": verdict.wait_ms, "paused": bool(verdict.paused_ms)},
+        )
+        # Cut short when the head gives up waiting.
+        await asyncio.wait([head.answer], timeout=verdict.wait_ms / 1000)
+        return "pause" if verdict.paused_ms else self._which(verdict)
 
     async def hold(self, call: Call) -> float:
         """Waits, without a deadline, until every budget has room for a call.
@@ -169,9 +248,12 @@ class Limiter:
     async def observe(self, headers: Mapping[str, str]) -> None:
         """Pauses before the API would refuse, from its `anthropic-ratelimit-*`."""
         for family in ("requests", "tokens", "input-tokens", "output-tokens"):
+            # Headers look-ups scan every header: the reset only when needed.
             remaining = headers.get(f"anthropic-ratelimit-{family}-remaining")
+            if remaining is None or not _is_zero(remaining):
+                continue
             reset = headers.get(f"anthropic-ratelimit-{family}-reset")
-            if remaining is None or reset is None or not _is_zero(remaining):
+            if reset is None:
                 continue
             seconds = _seconds_until(reset)
             if seconds > 0:
@@ -245,6 +327,16 @@ class Limiter:
         return math.ceil(
             input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok
         )
+
+
+def _answer(waiter: _Waiter, outcome: Reservation | Exception) -> None:
+    """Settles a waiter's answer, unless it has stopped waiting."""
+    if waiter.answer.done():
+        return
+    if isinstance(outcome, Exception):
+        waiter.answer.set_exception(outcome)
+    else:
+        waiter.answer.set_result(outcome)
 
 
 def _name(window: Window | None) -> str:

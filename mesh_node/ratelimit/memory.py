@@ -123,6 +123,16 @@ class MemoryLimitBackend:
                 self._window(window).add(token, _Entry(now_ms, cost))
         return verdict
 
+    async def acquire_many(
+        self, windows: list[Window], requests: list[tuple[str, list[int]]]
+    ) -> tuple[int, Verdict]:
+        """Admits requests in order while they fit."""
+        for admitted, (token, costs) in enumerate(requests):
+            verdict = await self.acquire(windows, costs, token, dry_run=False)
+            if verdict.wait_ms:
+                return admitted, verdict
+        return len(requests), Verdict(0)
+
     async def settle(
         self, windows: list[Window], token: str, reserved: list[int], actual: list[int]
     ) -> None:

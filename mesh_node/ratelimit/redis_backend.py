@@ -18,14 +18,18 @@ from ..redis_link import Client, RedisLink
 from . import SAFETY_MS, Verdict, Window
 
 # KEYS: one sorted set per window, then the running total of each, then the
-# pause key. ARGV: token, dry run (0/1), then limit, span ms and cost per
-# window. Returns {wait ms, window index (0-based, -1 none), paused (0/1)}.
+# pause key. ARGV: dry run (0/1), limit and span ms per window, then per
+# request its token and its cost in each window. Requests are admitted in
+# order while they fit; the first that does not gets the answer. Returns
+# {admitted, wait ms, window index (0-based, -1 none), paused (0/1)}, where
+# wait ms is 0 when all were admitted (or, in a dry run, would be) and -1
+# when the first request not admitted can never fit.
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = (#KEYS - 1) / 2
 local paused = redis.call('PTTL', KEYS[2 * n + 1])
-if paused > 0 then return {paused, -1, 1} end
+if paused > 0 then return {0, paused, -1, 1} end
 local function cost_of(member) return tonumber(string.match(member, '|(%d+)$')) end
 -- What a window holds now: its running total less what has aged out, which
 -- is removed. Without a total (first use, or one older than this layout)
@@ -63,30 +67,42 @@ local function wait_for(zset, span, need)
     first = first + 64
   end
 end
-local wait, which = 0, -1
+local limits, spans, totals = {}, {}, {}
 for i = 1, n do
-  local base = 3 + 3 * (i - 1)
-  local limit, span, cost = tonumber(ARGV[base]), tonumber(ARGV[base + 1]),
-    tonumber(ARGV[base + 2])
-  if cost > limit then return {-1, i - 1, 0} end
-  local need = used(i, span) + math.max(cost, 1) - limit
-  if need > 0 then
-    local w = wait_for(KEYS[i], span, need)
-    if w > wait then wait, which = w, i - 1 end
+  limits[i], spans[i] = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  totals[i] = used(i, spans[i])
+end
+local admitted = 0
+for base = 2 * n + 2, #ARGV, n + 1 do
+  local token = ARGV[base]
+  local wait, which = 0, -1
+  for i = 1, n do
+    local cost = tonumber(ARGV[base + i])
+    if cost > limits[i] then return {admitted, -1, i - 1, 0} end
+    local need = totals[i] + math.max(cost, 1) - limits[i]
+    if need > 0 then
+      local w = wait_for(KEYS[i], spans[i], need)
+      if w > wait then wait, which = w, i - 1 end
+    end
+  end
+  if wait > 0 or ARGV[1] == '1' then return {admitted, wait, which, 0} end
+  for i = 1, n do
+    local cost = tonumber(ARGV[base + i])
+    if cost > 0 then
+      redis.call('ZADD', KEYS[i], now, token .. '|' .. cost)
+      redis.call('INCRBY', KEYS[n + i], cost)
+      totals[i] = totals[i] + cost
+    end
+  end
+  admitted = admitted + 1
+end
+if admitted > 0 then
+  for i = 1, n do
+    redis.call('PEXPIRE', KEYS[i], spans[i] + 1000)
+    redis.call('PEXPIRE', KEYS[n + i], spans[i] + 1000)
   end
 end
-if wait > 0 or ARGV[2] == '1' then return {wait, which, 0} end
-for i = 1, n do
-  local base = 3 + 3 * (i - 1)
-  local span, cost = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2])
-  if cost > 0 then
-    redis.call('ZADD', KEYS[i], now, ARGV[1] .. '|' .. cost)
-    redis.call('INCRBY', KEYS[n + i], cost)
-    redis.call('PEXPIRE', KEYS[i], span + 1000)
-    redis.call('PEXPIRE', KEYS[n + i], span + 1000)
-  end
-end
-return {0, -1, 0}
+return {admitted, 0, -1, 0}
 """
 
 # KEYS: one sorted set per window, then the running total of each. ARGV:
@@ -149,15 +165,38 @@ class RedisLimitBackend:
         self, windows: list[Window], costs: list[int], token: str, *, dry_run: bool
     ) -> Verdict:
         """Admits the costs in every window at once, or says how long to wait."""
+        _admitted, verdict = await self._call_acquire(
+            windows, [(token, costs)], dry_run=dry_run
+        )
+        return verdict
+
+    async def acquire_many(
+        self, windows: list[Window], requests: list[tuple[str, list[int]]]
+    ) -> tuple[int, Verdict]:
+        """Admits requests in order while they fit, in one round trip."""
+        return await self._call_acquire(windows, requests, dry_run=False)
+
+    async def _call_acquire(
+        self,
+        windows: list[Window],
+        requests: list[tuple[str, list[int]]],
+        *,
+        dry_run: bool,
+    ) -> tuple[int, Verdict]:
         keys = [*self._keys(windows), f"{self._base}:pause"]
-        args: list[Any] = [token, int(dry_run)]
-        for window, cost in zip(windows, costs, strict=True):
-            args += [window.limit, window.window_ms + SAFETY_MS, cost]
+        args: list[Any] = [int(dry_run)]
+        for window in windows:
+            args += [window.limit, window.window_ms + SAFETY_MS]
+        for token, costs in requests:
+            if len(costs) != len(windows):
+                raise ValueError(f"{len(costs)} costs for {len(windows)} windows")
+            args.append(token)
+            args += costs
         reply: Any = await self._link.call(
             lambda: self._acquire(keys=keys, args=args), what="limiter"
         )
-        wait_ms, which, paused = (int(part) for part in reply)
-        return Verdict(wait_ms, which, paused_ms=wait_ms if paused else 0)
+        admitted, wait_ms, which, paused = (int(part) for part in reply)
+        return admitted, Verdict(wait_ms, which, paused_ms=wait_ms if paused else 0)
 
     async def settle(
         self, windows: list[Window], token: str, reserved: list[int], actual: list[int]
