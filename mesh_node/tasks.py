@@ -175,6 +175,10 @@ class TaskResult(BaseModel):
 
 
 def utc_timestamp(moment: dt.datetime | None = None) -> str:
-    """Formats a moment the way the seed did: ISO 8601, milliseconds, `Z`."""
+    """Formats a moment in UTC the way the seed did: ISO 8601, milliseconds, `Z`."""
     moment = moment or dt.datetime.now(dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    if moment.utcoffset() != dt.timedelta(0):
+        moment = moment.astimezone(dt.UTC)
+    # isoformat takes half the time of strftime, and this runs for every log
+    # line and result; its "+00:00" becomes the seed's "Z".
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"
