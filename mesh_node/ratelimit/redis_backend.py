@@ -73,19 +73,30 @@ for i = 1, n do
   totals[i] = used(i, spans[i])
 end
 local admitted = 0
+-- Every reply that admitted a call renews the window's keys first: keys left
+-- to expire with live entries would count the window as empty.
+local function reply(wait, which)
+  if admitted > 0 then
+    for i = 1, n do
+      redis.call('PEXPIRE', KEYS[i], spans[i] + 1000)
+      redis.call('PEXPIRE', KEYS[n + i], spans[i] + 1000)
+    end
+  end
+  return {admitted, wait, which, 0}
+end
 for base = 2 * n + 2, #ARGV, n + 1 do
   local token = ARGV[base]
   local wait, which = 0, -1
   for i = 1, n do
     local cost = tonumber(ARGV[base + i])
-    if cost > limits[i] then return {admitted, -1, i - 1, 0} end
+    if cost > limits[i] then return reply(-1, i - 1) end
     local need = totals[i] + math.max(cost, 1) - limits[i]
     if need > 0 then
       local w = wait_for(KEYS[i], spans[i], need)
       if w > wait then wait, which = w, i - 1 end
     end
   end
-  if wait > 0 or ARGV[1] == '1' then return {admitted, wait, which, 0} end
+  if wait > 0 or ARGV[1] == '1' then return reply(wait, which) end
   for i = 1, n do
     local cost = tonumber(ARGV[base + i])
     if cost > 0 then
@@ -96,13 +107,7 @@ for base = 2 * n + 2, #ARGV, n + 1 do
   end
   admitted = admitted + 1
 end
-if admitted > 0 then
-  for i = 1, n do
-    redis.call('PEXPIRE', KEYS[i], spans[i] + 1000)
-    redis.call('PEXPIRE', KEYS[n + i], spans[i] + 1000)
-  end
-end
-return {admitted, 0, -1, 0}
+return reply(0, -1)
 """
 
 # KEYS: one sorted set per window, then the running total of each. ARGV:
