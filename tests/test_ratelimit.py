@@ -160,6 +160,36 @@ def test_many_stop_at_one_that_can_never_fit(make_backend: Backends) -> None:
     assert make_backend.run(scenario) == (1, -1)
 
 
+def test_a_partly_admitted_batch_keeps_the_window_alive(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    """Every script that admits a call renews the window's keys, also when it
+    stops at a call that does not fit: keys left to expire with live entries
+    in them would count the window as empty and let twice the limit through."""
+    window = Window("requests_per_second", 20, 1000)
+
+    async def scenario() -> tuple[int, int]:
+        client = connect(redis_server.url, max_connections=2)
+        backend = RedisLimitBackend(client, RedisLink(), prefix, FAKE_KEY)
+        zset = f"{prefix}limit:{key_id(FAKE_KEY)}:{window.name}"
+        await backend.acquire_many([window], [(f"a{n}", [1]) for n in range(10)])
+        # As if those keys were set long ago and are about to expire.
+        await client.pexpire(zset, 100)
+        await client.pexpire(f"{zset}:sum", 100)
+        admitted, _verdict = await backend.acquire_many(
+            [window], [(f"b{n}", [1]) for n in range(30)]
+        )
+        ttls = (int(await client.pttl(zset)), int(await client.pttl(f"{zset}:sum")))
+        await client.aclose()
+        assert admitted == 10
+        return ttls
+
+    zset_ms, sum_ms = _run(scenario())
+    # The window's span (1,000 ms and the 250 ms margin) and a second more.
+    assert zset_ms > 2000
+    assert sum_ms > 2000
+
+
 def test_concurrent_calls_share_round_trips(
     redis_server: RedisServer, prefix: str
 ) -> None:
@@ -254,6 +284,39 @@ def test_limiter_refuses_a_wait_past_the_deadline() -> None:
 
     error = _run(scenario())
     assert error.error_type is ErrorType.RATE_LIMITED
+    assert error.message.startswith("the requests per minute limit leaves no room")
+
+
+def test_a_call_queued_behind_a_long_wait_fails_at_once_too() -> None:
+    """Calls queue in order, so a call behind one that waits cannot start
+    before it: when that wait outlasts its deadline, it fails at once as
+    rate_limited rather than holding its slot until the deadline."""
+
+    async def scenario() -> TaskError:
+        limiter = Limiter(MemoryLimitBackend(), [REQUESTS])
+        call = Call("m", 10, 10)
+        for _ in range(3):
+            await limiter.acquire(call, deadline_s=time.monotonic() + 5)
+        head = asyncio.create_task(
+            limiter.acquire(call, deadline_s=time.monotonic() + 300)
+        )
+        hurried = asyncio.create_task(
+            limiter.acquire(call, deadline_s=time.monotonic() + 30)
+        )
+        try:
+            # Far inside the 30 s deadline: without the check it would wait
+            # until then (the window frees in a minute).
+            await asyncio.wait_for(asyncio.shield(hurried), timeout=5)
+        except TaskError as error:
+            return error
+        finally:
+            head.cancel()
+            hurried.cancel()
+        raise AssertionError("the hurried call was admitted")
+
+    error = _run(scenario())
+    assert error.error_type is ErrorType.RATE_LIMITED
+    assert error.retryable
     assert error.message.startswith("the requests per minute limit leaves no room")
 
 

@@ -184,6 +184,13 @@ class Limiter:
         except TaskError as exc:
             _answer(head, exc)
             return waited_for
+        # No call behind the head starts before it: each whose deadline comes
+        # before the head's room fails now too, instead of holding its slot.
+        for w in itertools.islice(self._waiting, 1, None):
+            if w is not head and not w.answer.done():
+                late = self._past_deadline(verdict, w.deadline_s)
+                if late is not None:
+                    _answer(w, late)
         log.debug(
             "limiter.waiting",
             extra={"wait_ms": verdict.wait_ms, "paused": bool(verdict.paused_ms)},
@@ -284,18 +291,27 @@ class Limiter:
             )
         if budget and self._budget_fails:
             raise TaskError(f"the {_name(window)} budget is spent", error_type)
-        if time.monotonic() + verdict.wait_ms / 1000 > deadline_s:
-            what = (
-                "the API key is paused"
-                if verdict.paused_ms
-                else (f"the {_name(window)} limit")
-            )
-            raise TaskError(
-                f"{what} leaves no room before the task's deadline "
-                f"(next room in {verdict.wait_ms} ms)",
-                error_type,
-                retryable=True,
-            )
+        late = self._past_deadline(verdict, deadline_s)
+        if late is not None:
+            raise late
+
+    def _past_deadline(self, verdict: Verdict, deadline_s: float) -> TaskError | None:
+        """The error of a call whose deadline comes before the verdict's room."""
+        if time.monotonic() + verdict.wait_ms / 1000 <= deadline_s:
+            return None
+        window = self._windows[verdict.window] if verdict.window >= 0 else None
+        budget = window is not None and window.kind is WindowKind.BUDGET
+        what = (
+            "the API key is paused"
+            if verdict.paused_ms
+            else f"the {_name(window)} limit"
+        )
+        return TaskError(
+            f"{what} leaves no room before the task's deadline "
+            f"(next room in {verdict.wait_ms} ms)",
+            ErrorType.BUDGET_EXCEEDED if budget else ErrorType.RATE_LIMITED,
+            retryable=True,
+        )
 
     def _cost(self, window: Window, call: Call) -> int:
         return self._amount(window.unit, call, call.input_tokens, call.max_tokens)
