@@ -232,6 +232,11 @@ class RedisLink:
         self._recreate_group = recreate_group
         self._down_since_s: float | None = None
 
+    @property
+    def down(self) -> bool:
+        """Whether an outage is under way: a call failed, none succeeded since."""
+        return self._down_since_s is not None
+
     async def call(
         self,
         operation: Callable[[], Awaitable[T]],
@@ -272,6 +277,10 @@ class RedisLink:
         try:
             async for attempt in retrying:
                 with attempt:
+                    # Set during the wait before this attempt: Redis may be
+                    # back, but the caller no longer wants the operation done.
+                    if stop is not None and stop.is_set():
+                        raise RedisUnavailableError(what)
                     value = await self._attempt(operation)
                     self._succeeded()
                     return value

@@ -19,7 +19,7 @@ from mesh_node.ratelimit.memory import MemoryLimitBackend
 from mesh_node.ratelimit.redis_backend import RedisLimitBackend, key_id
 from mesh_node.redis_link import RedisLink, connect
 
-from .support import FAKE_KEY, RedisServer
+from .support import FAKE_KEY, OwnRedis, RedisServer
 
 
 class Backends:
@@ -254,6 +254,42 @@ def test_a_call_that_stops_waiting_takes_no_room(
     assert cancelled
     # The first call and `behind`; none for the cancelled call.
     assert entries_added == 2
+
+
+def test_a_call_given_up_during_an_outage_is_not_admitted_after_it(
+    own_redis: OwnRedis, prefix: str
+) -> None:
+    """A call that stops waiting while Redis is down (its deadline, a
+    shutdown) takes no room once Redis is back: the queue is asked for again
+    without it."""
+    window = Window("requests_per_minute", 100, 60_000)
+    zset = f"{prefix}limit:{key_id(FAKE_KEY)}:{window.name}"
+
+    async def scenario() -> int:
+        client = connect(own_redis.url, max_connections=4)
+        link = RedisLink()
+        limiter = Limiter(RedisLimitBackend(client, link, prefix, FAKE_KEY), [window])
+        call = Call("m", 10, 10)
+        await limiter.acquire(call, deadline_s=time.monotonic() + 30)
+        own_redis.stop()
+        gone = asyncio.create_task(
+            limiter.acquire(call, deadline_s=time.monotonic() + 30)
+        )
+        deadline = time.monotonic() + 10
+        while not link.down:
+            assert time.monotonic() < deadline, "the outage was never noticed"
+            await asyncio.sleep(0.02)
+        gone.cancel()
+        own_redis.start()
+        await asyncio.wait_for(
+            limiter.acquire(call, deadline_s=time.monotonic() + 30), timeout=30
+        )
+        held = int(await client.zcard(zset))
+        await client.aclose()
+        return held
+
+    # The call before the outage and the one after; not the one given up.
+    assert _run(scenario()) == 2
 
 
 def test_dry_run_takes_no_room(make_backend: Backends) -> None:

@@ -15,6 +15,7 @@ hash of the key) and `MemoryLimitBackend` (one process: stdin and batch modes).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass
 from typing import Protocol
@@ -90,9 +91,17 @@ class LimitBackend(Protocol):
         ...
 
     async def acquire_many(
-        self, windows: list[Window], requests: list[tuple[str, list[int]]]
+        self,
+        windows: list[Window],
+        requests: list[tuple[str, list[int]]],
+        *,
+        stop: asyncio.Event | None = None,
     ) -> tuple[int, Verdict]:
         """Admits `(token, costs)` requests in order while they fit.
+
+        Raises:
+            RedisUnavailableError: `stop` was set while the backend was
+                unreachable; nothing was admitted.
 
         Returns:
             How many were admitted, and the verdict on the first that was not

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ..errors import ErrorType, TaskError
+from ..errors import ErrorType, RedisUnavailableError, TaskError
 from ..settings import Settings
 from . import LimitBackend, Unit, Verdict, Window, WindowKind
 
@@ -170,15 +170,10 @@ class Limiter:
             for w in itertools.islice(self._waiting, ADMIT_BATCH)
             if not w.answer.done()
         ]
-        try:
-            admitted, verdict = await self._backend.acquire_many(
-                self._windows, [(w.token, w.costs) for w in batch]
-            )
-        except Exception as exc:
-            # The head gets the error, as the one call that made the request
-            # would have; the rest try again behind it.
-            _answer(batch[0], exc)
+        answer = await self._ask(batch)
+        if answer is None:
             return waited_for
+        admitted, verdict = answer
         now_s = time.monotonic()
         for w in batch[:admitted]:
             _answer(w, Reservation(w.token, w.costs, now_s - w.started_s, waited_for))
@@ -204,6 +199,34 @@ class Limiter:
         # Cut short when the head gives up waiting.
         await asyncio.wait([head.answer], timeout=verdict.wait_ms / 1000)
         return "pause" if verdict.paused_ms else self._which(verdict)
+
+    async def _ask(self, batch: list[_Waiter]) -> tuple[int, Verdict] | None:
+        """The backend's answer for the batch; None when it is to be asked again."""
+        # Through an outage the request is retried until Redis is back; a
+        # call that stops waiting meanwhile ends the retries, so that the
+        # batch is asked for again without it and Redis, once back, admits
+        # no call that nobody waits for.
+        given_up = asyncio.Event()
+
+        def on_answer(_answer: asyncio.Future[Reservation]) -> None:
+            given_up.set()
+
+        for w in batch:
+            w.answer.add_done_callback(on_answer)
+        try:
+            return await self._backend.acquire_many(
+                self._windows, [(w.token, w.costs) for w in batch], stop=given_up
+            )
+        except RedisUnavailableError:
+            return None
+        except Exception as exc:
+            # The head gets the error, as the one call that made the request
+            # would have; the rest try again behind it.
+            _answer(batch[0], exc)
+            return None
+        finally:
+            for w in batch:
+                w.answer.remove_done_callback(on_answer)
 
     async def hold(self, call: Call) -> float:
         """Waits, without a deadline, until every budget has room for a call.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -124,9 +125,13 @@ class MemoryLimitBackend:
         return verdict
 
     async def acquire_many(
-        self, windows: list[Window], requests: list[tuple[str, list[int]]]
+        self,
+        windows: list[Window],
+        requests: list[tuple[str, list[int]]],
+        *,
+        stop: asyncio.Event | None = None,
     ) -> tuple[int, Verdict]:
-        """Admits requests in order while they fit."""
+        """Admits requests in order while they fit (memory is never out of reach)."""
         for admitted, (token, costs) in enumerate(requests):
             verdict = await self.acquire(windows, costs, token, dry_run=False)
             if verdict.wait_ms:

@@ -10,6 +10,7 @@ the API key, never the key itself.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -176,10 +177,15 @@ class RedisLimitBackend:
         return verdict
 
     async def acquire_many(
-        self, windows: list[Window], requests: list[tuple[str, list[int]]]
+        self,
+        windows: list[Window],
+        requests: list[tuple[str, list[int]]],
+        *,
+        stop: asyncio.Event | None = None,
     ) -> tuple[int, Verdict]:
-        """Admits requests in order while they fit, in one round trip."""
-        return await self._call_acquire(windows, requests, dry_run=False)
+        """Admits requests in order while they fit, in one round trip; through
+        an outage until Redis is back or `stop` is set."""
+        return await self._call_acquire(windows, requests, dry_run=False, stop=stop)
 
     async def _call_acquire(
         self,
@@ -187,6 +193,7 @@ class RedisLimitBackend:
         requests: list[tuple[str, list[int]]],
         *,
         dry_run: bool,
+        stop: asyncio.Event | None = None,
     ) -> tuple[int, Verdict]:
         keys = [*self._keys(windows), f"{self._base}:pause"]
         args: list[Any] = [int(dry_run)]
@@ -198,7 +205,7 @@ class RedisLimitBackend:
             args.append(token)
             args += costs
         reply: Any = await self._link.call(
-            lambda: self._acquire(keys=keys, args=args), what="limiter"
+            lambda: self._acquire(keys=keys, args=args), what="limiter", stop=stop
         )
         admitted, wait_ms, which, paused = (int(part) for part in reply)
         return admitted, Verdict(wait_ms, which, paused_ms=wait_ms if paused else 0)
