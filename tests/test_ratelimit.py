@@ -13,7 +13,7 @@ import httpx2
 import pytest
 
 from mesh_node.errors import ErrorType, TaskError, api_call_error
-from mesh_node.ratelimit import LimitBackend, Unit, Window, WindowKind
+from mesh_node.ratelimit import LimitBackend, Unit, Verdict, Window, WindowKind
 from mesh_node.ratelimit.limiter import Call, Limiter
 from mesh_node.ratelimit.memory import MemoryLimitBackend
 from mesh_node.ratelimit.redis_backend import RedisLimitBackend, key_id
@@ -323,19 +323,44 @@ def test_limiter_refuses_a_wait_past_the_deadline() -> None:
     assert error.message.startswith("the requests per minute limit leaves no room")
 
 
-def test_a_call_queued_behind_a_long_wait_fails_at_once_too() -> None:
+class _TellsWhenFull(MemoryLimitBackend):
+    """The memory backend, and an event set when it has answered "wait"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said_wait = asyncio.Event()
+
+    async def acquire_many(
+        self,
+        windows: list[Window],
+        requests: list[tuple[str, list[int]]],
+        *,
+        stop: asyncio.Event | None = None,
+    ) -> tuple[int, Verdict]:
+        answer = await super().acquire_many(windows, requests, stop=stop)
+        if answer[1].wait_ms > 0:
+            self.said_wait.set()
+        return answer
+
+
+@pytest.mark.parametrize("arrives", ["with the head", "while the head waits"])
+def test_a_call_queued_behind_a_long_wait_fails_at_once_too(arrives: str) -> None:
     """Calls queue in order, so a call behind one that waits cannot start
     before it: when that wait outlasts its deadline, it fails at once as
-    rate_limited rather than holding its slot until the deadline."""
+    rate_limited rather than holding its slot until the deadline, whether it
+    queued with the head or after the head began to wait."""
 
     async def scenario() -> TaskError:
-        limiter = Limiter(MemoryLimitBackend(), [REQUESTS])
+        backend = _TellsWhenFull()
+        limiter = Limiter(backend, [REQUESTS])
         call = Call("m", 10, 10)
         for _ in range(3):
             await limiter.acquire(call, deadline_s=time.monotonic() + 5)
         head = asyncio.create_task(
             limiter.acquire(call, deadline_s=time.monotonic() + 300)
         )
+        if arrives == "while the head waits":
+            await asyncio.wait_for(backend.said_wait.wait(), timeout=5)
         hurried = asyncio.create_task(
             limiter.acquire(call, deadline_s=time.monotonic() + 30)
         )

@@ -101,6 +101,8 @@ class Limiter:
         self._prices = dict(prices or {})
         self._waiting: deque[_Waiter] = deque()
         self._driver: asyncio.Task[None] | None = None
+        # While the queue waits for room: the verdict and when the room comes.
+        self._held: tuple[Verdict, float] | None = None
 
     async def acquire(self, call: Call, *, deadline_s: float) -> Reservation:
         """Waits for room for one call, in turn, until the deadline at most.
@@ -110,6 +112,13 @@ class Limiter:
                 come before the deadline or the call can never fit.
         """
         costs = [self._cost(window, call) for window in self._windows]
+        if self._held is not None:
+            # The queue waits for room that comes after this call's deadline,
+            # and this call cannot start before the queue does.
+            verdict, room_s = self._held
+            late = self._past_deadline(verdict, deadline_s, room_s=room_s)
+            if late is not None:
+                raise late
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
             uuid.uuid4().hex[:16],
@@ -197,7 +206,11 @@ class Limiter:
             extra={"wait_ms": verdict.wait_ms, "paused": bool(verdict.paused_ms)},
         )
         # Cut short when the head gives up waiting.
-        await asyncio.wait([head.answer], timeout=verdict.wait_ms / 1000)
+        self._held = (verdict, time.monotonic() + verdict.wait_ms / 1000)
+        try:
+            await asyncio.wait([head.answer], timeout=verdict.wait_ms / 1000)
+        finally:
+            self._held = None
         return "pause" if verdict.paused_ms else self._which(verdict)
 
     async def _ask(self, batch: list[_Waiter]) -> tuple[int, Verdict] | None:
@@ -324,9 +337,16 @@ class Limiter:
         if late is not None:
             raise late
 
-    def _past_deadline(self, verdict: Verdict, deadline_s: float) -> TaskError | None:
-        """The error of a call whose deadline comes before the verdict's room."""
-        if time.monotonic() + verdict.wait_ms / 1000 <= deadline_s:
+    def _past_deadline(
+        self, verdict: Verdict, deadline_s: float, *, room_s: float | None = None
+    ) -> TaskError | None:
+        """The error of a call whose deadline comes before the verdict's room
+        (`room_s`, on the monotonic clock; by default the verdict's wait from
+        now)."""
+        now_s = time.monotonic()
+        if room_s is None:
+            room_s = now_s + verdict.wait_ms / 1000
+        if room_s <= deadline_s:
             return None
         window = self._windows[verdict.window] if verdict.window >= 0 else None
         budget = window is not None and window.kind is WindowKind.BUDGET
@@ -337,7 +357,7 @@ class Limiter:
         )
         return TaskError(
             f"{what} leaves no room before the task's deadline "
-            f"(next room in {verdict.wait_ms} ms)",
+            f"(next room in {max(0, round((room_s - now_s) * 1000))} ms)",
             ErrorType.BUDGET_EXCEEDED if budget else ErrorType.RATE_LIMITED,
             retryable=True,
         )
