@@ -65,6 +65,9 @@ DEFAULT_EXPORT_BATCH = 128
 # retries a refused connection for up to ten seconds before it says so, and
 # the queue would fill meanwhile.
 STALLED_EXPORT_S = 0.5
+# An export still running after this is reported as failed: longer than a
+# slow collector takes, so that a working one is not reported.
+HUNG_EXPORT_S = 2.0
 # How long shutdown may spend flushing, so that a dead collector cannot hold
 # up a node that was asked to stop; once an export fails or hangs, the spans
 # are lost anyway and the node waits only a moment more.
@@ -513,6 +516,9 @@ class _FailureNotice:
     def __init__(self, signal: str) -> None:
         self._signal = signal
         self._failing = False
+        # Reported from the exporter's thread and, for a hung export, from
+        # whichever thread notices it: one line per run of failures.
+        self._lock = threading.Lock()
 
     @property
     def failing(self) -> bool:
@@ -520,14 +526,15 @@ class _FailureNotice:
         return self._failing
 
     def report(self, ok: bool, lost: int) -> None:
-        if not ok and not self._failing:
-            self._failing = True
+        with self._lock:
+            changed = ok == self._failing
+            self._failing = not ok
+        if changed and not ok:
             log.warning(
                 "telemetry.export_failed",
                 extra={"signal": self._signal, "lost": lost},
             )
-        elif ok and self._failing:
-            self._failing = False
+        elif changed:
             log.info("telemetry.export_recovered", extra={"signal": self._signal})
 
 
@@ -542,6 +549,7 @@ class _WatchedSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self.queued = 0
         self._export_started_s: float | None = None
+        self._exporting = 0
 
     def failing(self) -> bool:
         """Exports fail, or the one under way has hung."""
@@ -549,6 +557,11 @@ class _WatchedSpanExporter(SpanExporter):
         stalled = started_s is not None and (
             time.monotonic() - started_s > STALLED_EXPORT_S
         )
+        if started_s is not None and time.monotonic() - started_s > HUNG_EXPORT_S:
+            # Said now rather than when the exporter gives up (some ten
+            # seconds of retries against a refused connection): a node that
+            # stops meanwhile would otherwise never say that exports failed.
+            self._notice.report(False, self._exporting)
         return stalled or self._notice.failing
 
     def recovered(self) -> bool:
@@ -576,6 +589,7 @@ class _WatchedSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         with self._lock:
             self.queued = max(0, self.queued - len(spans))
+        self._exporting = len(spans)
         self._export_started_s = time.monotonic()
         try:
             result = self._inner.export(spans)
