@@ -15,11 +15,10 @@ works the same on either, since a stream's keys share one hash slot.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 import redis.asyncio as aioredis
 import tenacity
@@ -219,6 +218,16 @@ def is_nogroup(error: BaseException) -> bool:
     return isinstance(error, ResponseError) and "NOGROUP" in str(error)
 
 
+class Stop(Protocol):
+    """Tells a retry loop to give up; asked only after a failed attempt, so
+    a condition that costs something to check costs nothing while Redis is
+    up. An `asyncio.Event` is one."""
+
+    def is_set(self) -> bool:
+        """Whether to give up."""
+        ...
+
+
 class RedisLink:
     """Retries Redis operations through outages and reports each outage once.
 
@@ -242,7 +251,7 @@ class RedisLink:
         operation: Callable[[], Awaitable[T]],
         *,
         what: str,
-        stop: asyncio.Event | None = None,
+        stop: Stop | None = None,
     ) -> T:
         """Runs `operation` until it succeeds.
 

@@ -17,7 +17,7 @@ from mesh_node.ratelimit import LimitBackend, Unit, Verdict, Window, WindowKind
 from mesh_node.ratelimit.limiter import Call, Limiter
 from mesh_node.ratelimit.memory import MemoryLimitBackend
 from mesh_node.ratelimit.redis_backend import RedisLimitBackend, key_id
-from mesh_node.redis_link import RedisLink, connect
+from mesh_node.redis_link import RedisLink, Stop, connect
 
 from .support import FAKE_KEY, OwnRedis, RedisServer
 
@@ -335,7 +335,7 @@ class _TellsWhenFull(MemoryLimitBackend):
         windows: list[Window],
         requests: list[tuple[str, list[int]]],
         *,
-        stop: asyncio.Event | None = None,
+        stop: Stop | None = None,
     ) -> tuple[int, Verdict]:
         answer = await super().acquire_many(windows, requests, stop=stop)
         if answer[1].wait_ms > 0:

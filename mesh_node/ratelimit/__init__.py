@@ -15,10 +15,12 @@ hash of the key) and `MemoryLimitBackend` (one process: stdin and batch modes).
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ..redis_link import Stop
 
 # Added to every window, so that a request admitted as the window frees does
 # not reach the API a moment before the API's own window has freed.
@@ -95,7 +97,7 @@ class LimitBackend(Protocol):
         windows: list[Window],
         requests: list[tuple[str, list[int]]],
         *,
-        stop: asyncio.Event | None = None,
+        stop: Stop | None = None,
     ) -> tuple[int, Verdict]:
         """Admits `(token, costs)` requests in order while they fit.
 

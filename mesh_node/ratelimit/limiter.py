@@ -196,7 +196,7 @@ class Limiter:
             return waited_for
         # No call behind the head starts before it: each whose deadline comes
         # before the head's room fails now too, instead of holding its slot.
-        for w in itertools.islice(self._waiting, 1, None):
+        for w in self._waiting:
             if w is not head and not w.answer.done():
                 late = self._past_deadline(verdict, w.deadline_s)
                 if late is not None:
@@ -219,16 +219,9 @@ class Limiter:
         # call that stops waiting meanwhile ends the retries, so that the
         # batch is asked for again without it and Redis, once back, admits
         # no call that nobody waits for.
-        given_up = asyncio.Event()
-
-        def on_answer(_answer: asyncio.Future[Reservation]) -> None:
-            given_up.set()
-
-        for w in batch:
-            w.answer.add_done_callback(on_answer)
         try:
             return await self._backend.acquire_many(
-                self._windows, [(w.token, w.costs) for w in batch], stop=given_up
+                self._windows, [(w.token, w.costs) for w in batch], stop=_GivenUp(batch)
             )
         except RedisUnavailableError:
             return None
@@ -237,9 +230,6 @@ class Limiter:
             # would have; the rest try again behind it.
             _answer(batch[0], exc)
             return None
-        finally:
-            for w in batch:
-                w.answer.remove_done_callback(on_answer)
 
     async def hold(self, call: Call) -> float:
         """Waits, without a deadline, until every budget has room for a call.
@@ -324,14 +314,12 @@ class Limiter:
         return _name(window)
 
     def _refuse_if_hopeless(self, verdict: Verdict, deadline_s: float) -> None:
-        window = self._windows[verdict.window] if verdict.window >= 0 else None
-        budget = window is not None and window.kind is WindowKind.BUDGET
-        error_type = ErrorType.BUDGET_EXCEEDED if budget else ErrorType.RATE_LIMITED
+        window, error_type = self._refused_by(verdict)
         if verdict.wait_ms < 0:
             raise TaskError(
                 f"the call needs more than the whole {_name(window)} limit", error_type
             )
-        if budget and self._budget_fails:
+        if error_type is ErrorType.BUDGET_EXCEEDED and self._budget_fails:
             raise TaskError(f"the {_name(window)} budget is spent", error_type)
         late = self._past_deadline(verdict, deadline_s)
         if late is not None:
@@ -348,8 +336,7 @@ class Limiter:
             room_s = now_s + verdict.wait_ms / 1000
         if room_s <= deadline_s:
             return None
-        window = self._windows[verdict.window] if verdict.window >= 0 else None
-        budget = window is not None and window.kind is WindowKind.BUDGET
+        window, error_type = self._refused_by(verdict)
         what = (
             "the API key is paused"
             if verdict.paused_ms
@@ -358,9 +345,15 @@ class Limiter:
         return TaskError(
             f"{what} leaves no room before the task's deadline "
             f"(next room in {max(0, round((room_s - now_s) * 1000))} ms)",
-            ErrorType.BUDGET_EXCEEDED if budget else ErrorType.RATE_LIMITED,
+            error_type,
             retryable=True,
         )
+
+    def _refused_by(self, verdict: Verdict) -> tuple[Window | None, ErrorType]:
+        """The window that said no, and the error a refusal by it is."""
+        window = self._windows[verdict.window] if verdict.window >= 0 else None
+        budget = window is not None and window.kind is WindowKind.BUDGET
+        return window, ErrorType.BUDGET_EXCEEDED if budget else ErrorType.RATE_LIMITED
 
     def _cost(self, window: Window, call: Call) -> int:
         return self._amount(window.unit, call, call.input_tokens, call.max_tokens)
@@ -392,6 +385,19 @@ class Limiter:
         return math.ceil(
             input_tokens * price.input_per_mtok + output_tokens * price.output_per_mtok
         )
+
+
+class _GivenUp:
+    """Whether a call of a batch has stopped waiting; asked by the retries."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, batch: list[_Waiter]) -> None:
+        self._batch = batch
+
+    def is_set(self) -> bool:
+        """True once any call of the batch is answered (cancelled)."""
+        return any(w.answer.done() for w in self._batch)
 
 
 def _answer(waiter: _Waiter, outcome: Reservation | Exception) -> None:

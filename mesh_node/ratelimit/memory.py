@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import SAFETY_MS, Verdict, Window
+
+if TYPE_CHECKING:
+    from ..redis_link import Stop
 
 # Settled entries of one second are kept as one: the window then holds some
 # 3,600 entries an hour, whatever the rate, and not one per call.
@@ -129,7 +132,7 @@ class MemoryLimitBackend:
         windows: list[Window],
         requests: list[tuple[str, list[int]]],
         *,
-        stop: asyncio.Event | None = None,
+        stop: Stop | None = None,
     ) -> tuple[int, Verdict]:
         """Admits requests in order while they fit (memory is never out of reach)."""
         for admitted, (token, costs) in enumerate(requests):

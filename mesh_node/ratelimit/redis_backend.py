@@ -10,12 +10,11 @@ the API key, never the key itself.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 from typing import Any
 
 from ..lua import Script
-from ..redis_link import Client, RedisLink
+from ..redis_link import Client, RedisLink, Stop
 from . import SAFETY_MS, Verdict, Window
 
 # KEYS: one sorted set per window, then the running total of each, then the
@@ -181,7 +180,7 @@ class RedisLimitBackend:
         windows: list[Window],
         requests: list[tuple[str, list[int]]],
         *,
-        stop: asyncio.Event | None = None,
+        stop: Stop | None = None,
     ) -> tuple[int, Verdict]:
         """Admits requests in order while they fit, in one round trip; through
         an outage until Redis is back or `stop` is set."""
@@ -193,7 +192,7 @@ class RedisLimitBackend:
         requests: list[tuple[str, list[int]]],
         *,
         dry_run: bool,
-        stop: asyncio.Event | None = None,
+        stop: Stop | None = None,
     ) -> tuple[int, Verdict]:
         keys = [*self._keys(windows), f"{self._base}:pause"]
         args: list[Any] = [int(dry_run)]
